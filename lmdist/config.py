@@ -1,0 +1,320 @@
+"""The one typed training config: defaults, YAML file, command-line flags, validation, help.
+
+Precedence is defaults < `--config FILE.yaml` < `--FIELD VALUE` flags. Every value is coerced to its
+field's type and checked before any process group or data work starts, so a typo costs a second,
+not a queued job. fire (and YAML) hand us loosely typed values -- `--tie_weights false` is the truthy
+string 'false', `--n 3.5` a float for an int field -- so coercion here is strict and names the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from lmdist.errors import ConfigError
+
+TOKENIZER_NAMES = ("byte", "char", "word", "bpe")
+
+
+def _f(default: Any, help: str, group: str) -> Any:
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: Literal["lstm", "gpt"] = _f("lstm", "`lstm` (the lesson's LSTM language model) or `gpt` (decoder-only transformer)", "model")
+    embedding_dim: int = _f(256, "LSTM: token embedding size", "model")
+    hidden_dim: int = _f(256, "LSTM: hidden size of each layer (with tie_weights the last layer outputs embedding_dim)", "model")
+    num_layers: int = _f(2, "LSTM: number of stacked LSTM layers", "model")
+    tie_weights: bool = _f(True, "share the input embedding with the output layer (both models)", "model")
+    n_layer: int = _f(4, "GPT: number of transformer blocks", "model")
+    n_head: int = _f(4, "GPT: attention heads per block (must divide n_embd)", "model")
+    n_embd: int = _f(128, "GPT: embedding and residual width", "model")
+    dropout: float = _f(0.1, "dropout probability in both models (0 turns it off)", "model")
+    block_size: int = _f(128, "tokens per training sequence (the context length)", "model")
+    # data
+    dataset: str = _f("builtin", "`builtin` (bundled corpus, no download), a local text/json/jsonl/csv/parquet file, folder or glob, a `save_to_disk` folder, or a hub dataset name", "data")
+    dataset_config: Optional[str] = _f(None, "hub dataset configuration name (e.g. `wikitext-2-raw-v1`)", "data")
+    text_column: str = _f("text", "column holding the text", "data")
+    val_dataset: Optional[str] = _f(None, "validation data (same forms as `dataset`); default: the source's `validation` split, else the last val_fraction of the training rows", "data")
+    val_fraction: float = _f(0.05, "fraction of training rows held out for validation when there is no validation split", "data")
+    cache_dir: Optional[str] = _f(None, "HuggingFace datasets cache folder (default: the datasets library's own)", "data")
+    tokenizer: str = _f("byte", "`byte`, `char`, `word` (vocabulary from the training split), `bpe` (byte-level BPE trained on the training split), or a local HuggingFace tokenizer folder", "data")
+    vocab_size: int = _f(4096, "bpe: vocabulary size to train", "data")
+    min_freq: int = _f(1, "char/word: keep symbols seen at least this often in training; rarer ones become <unk>", "data")
+    # optimisation
+    epochs: int = _f(1, "passes over the training data (the run ends at epochs or max_steps, whichever is first)", "optimisation")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (default: no limit)", "optimisation")
+    batch_size: int = _f(32, "sequences per process per micro-step", "optimisation")
+    grad_accum: int = _f(1, "micro-steps accumulated into each optimizer step", "optimisation")
+    optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "`adamw`, `adam` or `sgd` (with momentum beta1)", "optimisation")
+    lr: float = _f(3e-3, "peak learning rate", "optimisation")
+    min_lr: Optional[float] = _f(None, "learning rate at the end of the schedule (default: lr / 10)", "optimisation")
+    warmup_steps: int = _f(20, "optimizer steps of linear warm-up from 0 to lr", "optimisation")
+    lr_schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "decay from lr to min_lr after warm-up: `cosine`, `linear` or `constant`", "optimisation")
+    weight_decay: float = _f(0.01, "decoupled weight decay on weight matrices and embeddings (never on biases or norm weights)", "optimisation")
+    beta1: float = _f(0.9, "Adam beta1 (SGD momentum)", "optimisation")
+    beta2: float = _f(0.99, "Adam beta2", "optimisation")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value on optimizer steps (0 = no clipping)", "optimisation")
+    seed: int = _f(1337, "random seed for initialisation, shuffling and dropout", "optimisation")
+    threads: Optional[int] = _f(None, "torch threads per process (default: available cores / processes on this node)", "optimisation")
+    # evaluation and logging
+    eval_every: int = _f(100, "evaluate every this many optimizer steps (also at each epoch end and the last step)", "logging")
+    eval_batches: int = _f(0, "validation batches per evaluation (0 = the whole validation set)", "logging")
+    log_every: int = _f(10, "log training metrics every this many optimizer steps (and at the last step)", "logging")
+    output_dir: str = _f("runs/lmdist", "folder for config.yaml, run.json, metrics.jsonl, the tokenizer and W&B files", "logging")
+    run_name: Optional[str] = _f(None, "W&B run name (default: the output_dir folder name)", "logging")
+    wandb_project: str = _f("lmdist", "W&B project", "logging")
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = _f("auto", "`auto` (online when W&B credentials are configured, else offline), `online`, `offline` or `disabled`", "logging")
+    wandb_init_timeout: float = _f(30.0, "seconds to wait for W&B to start online before falling back to offline logging", "logging")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+    @property
+    def effective_min_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def load_config(argv: list[str], prog: str = "train.py") -> TrainConfig:
+    """The config for a command line; `-h`/`--help` prints every field and exits 0."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(help_text(prog))
+        raise SystemExit(0)
+    return parse_args(argv)
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """Build the config from `--config FILE` and `--FIELD VALUE` flags; raise ConfigError on any problem."""
+    flags = _split_flags(argv)
+    values: dict[str, Any] = {}
+    config_file = flags.pop("config", None)
+    if config_file is not None:
+        values.update(_read_yaml(config_file))
+    values.update(flags)
+    return make_config(values)
+
+
+def make_config(values: dict[str, Any], source: str = "flag") -> TrainConfig:
+    """Coerce and validate `values` (field name -> raw value) into a TrainConfig."""
+    for name in values:
+        if name not in FIELDS:
+            raise ConfigError(f"unknown {source} --{name}{_suggestion(name)} (see --help)")
+    cfg = TrainConfig(**{name: _coerce(name, raw) for name, raw in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def _split_flags(argv: list[str]) -> dict[str, Any]:
+    """`--k v`, `--k=v`, `--flag` and `--noflag` (booleans) into {k: raw string or bool}."""
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: every setting is a flag, e.g. --model gpt (see --help)")
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if not eq:
+            if name.startswith("no") and _is_bool(name[2:]):
+                name, value = name[2:], False
+            elif _is_bool(name) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                value = True
+            elif i + 1 < len(argv):
+                i += 1
+                value = argv[i]
+            else:
+                raise ConfigError(f"flag --{name} needs a value")
+        if name != "config" and name not in FIELDS:
+            raise ConfigError(f"unknown flag --{name}{_suggestion(name)} (see --help)")
+        if name in flags:
+            raise ConfigError(f"flag --{name} given twice")
+        flags[name] = value
+        i += 1
+    return flags
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of field: value, got {type(data).__name__}")
+    for name in data:
+        if name not in FIELDS:
+            raise ConfigError(f"--config {path}: unknown field {name!r}{_suggestion(str(name))}")
+    return data
+
+
+def _suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name, list(FIELDS) + ["config"], n=1, cutoff=0.6)
+    return f"; did you mean --{close[0]}?" if close else ""
+
+
+def _is_bool(name: str) -> bool:
+    return name in FIELDS and _base_type(_TYPES[name]) is bool
+
+
+def _base_type(tp: Any) -> Any:
+    """`Optional[int]` -> int; other types unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    tp = _TYPES[name]
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", ""))):
+        return None
+    base = _base_type(tp)
+    try:
+        if typing.get_origin(base) is Literal:
+            return _coerce_choice(raw, typing.get_args(base))
+        return {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}[base](raw)
+    except ValueError as e:
+        raise ConfigError(f"--{name}: {e}") from None
+
+
+def _coerce_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expects true or false, got {raw!r}")
+
+
+def _coerce_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError(f"expects an integer, got {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"expects an integer, got {raw!r}") from None
+
+
+def _coerce_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"expects a number, got {raw!r}")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"expects a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expects a finite number, got {raw!r}")
+    return value
+
+
+def _coerce_str(raw: Any) -> str:
+    if isinstance(raw, (dict, list)):
+        raise ValueError(f"expects a string, got {raw!r}")
+    return str(raw)
+
+
+def _coerce_choice(raw: Any, choices: tuple[str, ...]) -> str:
+    text = str(raw).strip().lower()
+    if text not in choices:
+        close = difflib.get_close_matches(text, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"expects one of {', '.join(choices)}, got {raw!r}{hint}")
+    return text
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible values, naming the field and what would be valid."""
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: {what}")
+
+    for name in ("embedding_dim", "hidden_dim", "num_layers", "n_layer", "n_head", "n_embd", "epochs",
+                 "batch_size", "grad_accum", "eval_every", "log_every", "min_freq"):
+        need(getattr(cfg, name) >= 1, name, "must be at least 1")
+    for name in ("max_steps", "threads"):
+        need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, name, "must be at least 1 (or none)")
+    need(cfg.n_embd % cfg.n_head == 0, "n_embd", f"must be divisible by n_head ({cfg.n_head})")
+    need(cfg.block_size >= 2, "block_size", "must be at least 2 (a sequence needs an input and a target)")
+    need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
+    need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1")
+    need(cfg.vocab_size >= 260, "vocab_size", "must be at least 260 (byte-level BPE starts from 256 bytes)")
+    need(cfg.lr >= 0, "lr", "must be non-negative")
+    need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.lr, "min_lr", f"must be between 0 and lr ({cfg.lr})")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "must be non-negative")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be non-negative")
+    need(0 <= cfg.beta1 < 1, "beta1", "must be in [0, 1)")
+    need(0 <= cfg.beta2 < 1, "beta2", "must be in [0, 1)")
+    need(cfg.grad_clip >= 0, "grad_clip", "must be non-negative (0 turns clipping off)")
+    need(cfg.eval_batches >= 0, "eval_batches", "must be non-negative (0 = the whole validation set)")
+    need(cfg.wandb_init_timeout > 0, "wandb_init_timeout", "must be positive")
+    need(bool(cfg.text_column), "text_column", "must name a column")
+    need(bool(cfg.output_dir), "output_dir", "must name a folder")
+    need(cfg.tokenizer in TOKENIZER_NAMES or os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")), "tokenizer",
+         f"must be one of {', '.join(TOKENIZER_NAMES)} or a folder holding a HuggingFace tokenizer.json")
+
+
+# ----------------------------------------------------------------------------- help
+
+def help_text(prog: str = "train.py") -> str:
+    """Every field with its type, default and meaning, grouped as in the README's table."""
+    lines = [
+        f"usage: accelerate launch {prog} [--config FILE.yaml] [--FIELD VALUE ...]",
+        f"       python {prog} ... | torchrun --nproc_per_node N {prog} ...",
+        "",
+        "Values come from the defaults, then --config (a YAML mapping of field: value, e.g. a run's",
+        "config.yaml), then flags. Booleans take true/false (or --FIELD / --noFIELD).",
+    ]
+    group = None
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines += ["", f"{group}:"]
+        lines.append(f"  --{f.name} {type_name(f.name)} (default: {f.default})")
+        lines.append(f"      {f.metadata['help'].replace('`', '')}")
+    return "\n".join(lines)
+
+
+def type_name(name: str) -> str:
+    tp = _TYPES[name]
+    base = _base_type(tp)
+    text = "|".join(typing.get_args(base)) if typing.get_origin(base) is Literal else base.__name__
+    return text + ("|none" if base is not tp else "")
+
+
+def markdown_table() -> str:
+    """The README's table of fields (kept in sync by a test)."""
+    rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(TrainConfig):
+        rows.append(f"| `{f.name}` | {type_name(f.name)} | `{f.default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

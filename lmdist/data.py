@@ -1,0 +1,309 @@
+"""Text in, batches out: find the rows, tokenize them with `datasets.map`, pack them into sequences.
+
+Packing keeps the whole token stream: sequence i is tokens[i*T : i*T + T + 1], its first T tokens
+the input and its last T the targets (the lesson's batchify). Consecutive sequences share one token,
+so every token after the first is a target exactly once. The stream is read straight out of the
+memory-mapped Arrow files `datasets` wrote, so a corpus larger than RAM works.
+
+Batches are drawn the way one big process would draw them: one seeded permutation per epoch, cut
+into global batches of world_size * batch_size sequences; Accelerate's `split_batches` hands each
+rank its contiguous slice. So 2 ranks x batch b see exactly the batches of 1 process x batch 2b.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from lmdist import corpus
+from lmdist.config import TrainConfig
+from lmdist.errors import DataError
+from lmdist.tokenizer import Tokenizer, build_tokenizer, encode_rows, load_tokenizer
+
+IGNORE_INDEX = -100  # target value for padding: no loss, no accuracy, not counted
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass
+class Corpus:
+    """The tokenized training and validation streams, and what produced them."""
+
+    train: "TokenStream"
+    val: "TokenStream"
+    tokenizer: Tokenizer
+    fingerprint: str
+    source: dict
+
+
+def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool) -> Corpus:
+    """Load, split and tokenize the data; the main process builds caches first, the others reuse them."""
+    for spec in filter(None, (cfg.dataset, cfg.val_dataset)):
+        check_source(spec)  # on every rank, before any collective: a bad path fails everywhere at once
+
+    def build() -> Corpus:
+        train_rows, val_rows, source = load_rows(cfg)
+        tokenizer_dir = os.path.join(cfg.output_dir, "tokenizer")
+        if not is_main and os.path.exists(os.path.join(tokenizer_dir, "lmdist_tokenizer.json")):
+            tokenizer = load_tokenizer(tokenizer_dir)  # the one the main process just trained and saved
+        else:
+            tokenizer = build_tokenizer(cfg.tokenizer, lambda: _texts(train_rows, cfg.text_column),
+                                        cfg.vocab_size, cfg.min_freq)
+            if is_main:
+                tokenizer.save(tokenizer_dir)
+        train = TokenStream(tokenize(train_rows, tokenizer, cfg.text_column))
+        val = TokenStream(tokenize(val_rows, tokenizer, cfg.text_column))
+        for name, stream in (("training", train), ("validation", val)):
+            if stream.n_tokens < 2:
+                raise DataError(f"the {name} split of {cfg.dataset!r} has {stream.n_tokens} tokens: not enough text")
+        return Corpus(train, val, tokenizer, _fingerprint(source, tokenizer, train, val), source)
+
+    return main_process_first(build)
+
+
+# ----------------------------------------------------------------------------- finding rows
+
+def check_source(spec: str) -> None:
+    """Fail fast on a local path that is missing or empty (hub names are checked when loaded)."""
+    if spec == "builtin" or not _looks_local(spec):
+        return
+    files = _data_files(spec)
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise DataError(f"dataset file {empty[0]} is empty")
+
+
+def load_rows(cfg: TrainConfig):
+    """(training rows, validation rows, source description) as `datasets.Dataset`s."""
+    import datasets
+
+    if cfg.dataset == "builtin":
+        docs = corpus.builtin_documents()
+        loaded = datasets.DatasetDict({"train": datasets.Dataset.from_dict({cfg.text_column: docs})})
+        source = {"dataset": "builtin", "modules": len(docs), "corpus_fingerprint": corpus.fingerprint(docs)}
+    else:
+        loaded = _load(cfg.dataset, cfg)
+        source = {"dataset": cfg.dataset, "splits": {k: v.num_rows for k, v in loaded.items()}}
+    train = _pick_split(loaded, ("train",), cfg.dataset)
+    if cfg.val_dataset:
+        val = _pick_split(_load(cfg.val_dataset, cfg), ("validation", "valid", "test", "train"), cfg.val_dataset)
+        source["val_dataset"] = cfg.val_dataset
+    elif "validation" in loaded:
+        val = loaded["validation"]
+        source["val_split"] = "validation"
+    else:
+        if train.num_rows < 2:
+            raise DataError(f"{cfg.dataset!r} has {train.num_rows} row(s): too few to hold out validation rows; "
+                            "pass --val_dataset")
+        n_val = min(train.num_rows - 1, max(1, round(train.num_rows * cfg.val_fraction)))
+        # The tail, not a random sample: neighbouring lines of one document stay on one side.
+        train, val = train.select(range(train.num_rows - n_val)), train.select(range(train.num_rows - n_val, train.num_rows))
+        source["val_split"] = f"last {n_val} of {train.num_rows + n_val} rows"
+    for name, rows in ((cfg.dataset, train), (cfg.val_dataset or cfg.dataset, val)):
+        if cfg.text_column not in rows.column_names:
+            raise DataError(f"{name!r} has no column {cfg.text_column!r} (columns: {', '.join(rows.column_names)}); "
+                            "set --text_column")
+    return train, val, source
+
+
+def _load(spec: str, cfg: TrainConfig):
+    """A DatasetDict from a local file/folder/glob, a save_to_disk folder or a hub name."""
+    import datasets
+
+    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, m)) for m in SAVED_DATASET_MARKERS):
+        loaded = datasets.load_from_disk(spec)
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    if _looks_local(spec):
+        files = _data_files(spec)
+        builders = {BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
+        if len(builders) > 1:
+            raise DataError(f"{spec!r} mixes file types ({', '.join(sorted(builders))}); use one type per dataset")
+        return datasets.load_dataset(builders.pop(), data_files={"train": files}, cache_dir=cfg.cache_dir)
+    try:
+        return datasets.load_dataset(spec, cfg.dataset_config, cache_dir=cfg.cache_dir)
+    except Exception as e:  # the hub client raises many types: connection, not found, bad config
+        raise DataError(f"could not load the hub dataset {spec!r} (config {cfg.dataset_config!r}): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} -- check the name and "
+                        "network, or pass a local file or folder") from None
+
+
+def _looks_local(spec: str) -> bool:
+    return (os.path.exists(spec) or glob.has_magic(spec) or spec.startswith((".", "/", "~"))
+            or os.path.splitext(spec)[1].lower() in BUILDERS)
+
+
+def _data_files(spec: str) -> list[str]:
+    """The data files a local spec names: one file, a folder's files, or a glob's matches."""
+    spec = os.path.expanduser(spec)
+    if os.path.isfile(spec):
+        files = [spec]
+    elif os.path.isdir(spec):
+        files = sorted(glob.glob(os.path.join(spec, "**", "*"), recursive=True))
+    elif glob.has_magic(spec):
+        files = sorted(glob.glob(spec, recursive=True))
+    else:
+        raise DataError(f"dataset path {spec!r} does not exist")
+    files = [f for f in files if os.path.isfile(f)]
+    known = [f for f in files if os.path.splitext(f)[1].lower() in BUILDERS]
+    if not known:
+        what = f"{files[0]!r} is not" if files else f"{spec!r} holds no"
+        raise DataError(f"{what} a data file of a known type ({', '.join(BUILDERS)})")
+    return known
+
+
+def _pick_split(loaded, preferred: tuple[str, ...], spec: str):
+    for name in preferred:
+        if name in loaded:
+            return loaded[name]
+    if len(loaded) == 1:
+        return next(iter(loaded.values()))
+    raise DataError(f"{spec!r} has splits {', '.join(loaded)}; none of them is {' or '.join(preferred)}")
+
+
+def _texts(rows, column: str) -> Iterator[str]:
+    for batch in rows.iter(batch_size=10_000):
+        yield from batch[column]
+
+
+# ----------------------------------------------------------------------------- tokenizing and packing
+
+def _tokenize_batch(batch: dict, tokenizer: Tokenizer, column: str) -> dict:
+    texts = [t for t in batch[column] if t and not t.isspace()]  # blank lines carry no text to predict
+    return {"ids": encode_rows(tokenizer, texts)}
+
+
+def tokenize(rows, tokenizer: Tokenizer, column: str):
+    """`rows` -> a dataset with one `ids` list per non-blank row (cached by `datasets` for file sources)."""
+    import datasets
+
+    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "int32"
+    num_proc = min(os.cpu_count() or 1, rows.num_rows // 20_000) or None  # processes pay off only on big data
+    return rows.map(
+        _tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=rows.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "column": column},
+        features=datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype))}), desc="tokenizing",
+    )
+
+
+class TokenStream:
+    """All token ids of a tokenized dataset as one stream, read zero-copy from its Arrow buffers."""
+
+    def __init__(self, tokenized):
+        column = tokenized.data.table.column("ids")
+        self.parts = [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in column.chunks]
+        self.parts = [p for p in self.parts if len(p)]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.n_tokens = int(self.starts[-1])
+
+    def slice(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length), clipped at the end of the stream."""
+        stop = min(start + length, self.n_tokens)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            part, offset = self.parts[first], start - self.starts[first]
+            piece = part[offset: offset + (stop - start)]
+            pieces.append(piece)
+            start += len(piece)
+            first += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def sample(self, n: int = 4096) -> np.ndarray:
+        return np.concatenate([self.slice(0, n), self.slice(max(0, self.n_tokens - n), n)])
+
+
+class PackedSequences(Dataset):
+    """Sequences of `block_size` (input, target) pairs cut from a token stream.
+
+    With `keep_partial` the last, shorter sequence is kept and its missing targets are IGNORE_INDEX
+    (validation: every token counts once). An index >= len() returns an all-ignored pad sequence,
+    which the evaluation sampler uses to give every rank the same number of batches.
+    """
+
+    def __init__(self, stream: TokenStream, block_size: int, keep_partial: bool):
+        self.stream, self.block_size = stream, block_size
+        n_targets = stream.n_tokens - 1
+        self.n = n_targets // block_size + (1 if keep_partial and n_targets % block_size else 0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.block_size
+        inputs = torch.zeros(T, dtype=torch.long)
+        targets = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
+        if i < self.n:
+            chunk = torch.from_numpy(self.stream.slice(i * T, T + 1).astype(np.int64))
+            inputs[: len(chunk) - 1] = chunk[:-1]
+            targets[: len(chunk) - 1] = chunk[1:]
+        return inputs, targets
+
+
+class EpochPermutation(Sampler[int]):
+    """The first `num_samples` indices of a permutation of range(n) seeded by (seed, epoch).
+
+    The permutation depends only on the seed and the epoch -- not on the world size or on how many
+    epochs ran in this process -- so any rank, any launch and any resume draws the same order.
+    """
+
+    def __init__(self, n: int, num_samples: int, seed: int):
+        self.n, self.num_samples, self.seed, self.epoch = n, num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator)[: self.num_samples].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class PaddedRange(Sampler[int]):
+    """range(n), then pad indices (== n) up to a multiple of `multiple`; at most `limit` indices when set."""
+
+    def __init__(self, n: int, multiple: int, limit: int = 0):
+        self.n, self.total = n, -(-n // multiple) * multiple
+        if limit:
+            self.total = min(self.total, limit)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(range(self.n)) + [self.n] * (self.total - self.n))
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def train_loader(sequences: PackedSequences, batch_size: int, world_size: int, grad_accum: int, seed: int) -> DataLoader:
+    """Shuffled global batches; each epoch's remainder that cannot fill an optimizer step is dropped."""
+    global_batch = batch_size * world_size
+    micro_batches = len(sequences) // global_batch // grad_accum * grad_accum
+    sampler = EpochPermutation(len(sequences), micro_batches * global_batch, seed)
+    return DataLoader(sequences, batch_sampler=BatchSampler(sampler, global_batch, drop_last=True),
+                      pin_memory=torch.cuda.is_available())
+
+
+def eval_loader(sequences: PackedSequences, batch_size: int, world_size: int, max_batches: int = 0) -> DataLoader:
+    """Every sequence once, in order (the first `max_batches` global batches when set); padded so that
+    every rank gets the same number of full batches."""
+    global_batch = batch_size * world_size
+    sampler = PaddedRange(len(sequences), global_batch, max_batches * global_batch)
+    return DataLoader(sequences, batch_sampler=BatchSampler(sampler, global_batch, drop_last=False),
+                      pin_memory=torch.cuda.is_available())
+
+
+def _fingerprint(source: dict, tokenizer: Tokenizer, train: TokenStream, val: TokenStream) -> str:
+    """Identifies data + tokenizer: the source, the vocabulary, the token counts and the streams' ends."""
+    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode())
+    digest.update(f"{tokenizer.kind}:{tokenizer.vocab_size}:{train.n_tokens}:{val.n_tokens}".encode())
+    for stream in (train, val):
+        digest.update(stream.sample().astype(np.int64).tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,129 @@
+"""Where the distributed world is set up: the one place that builds the Accelerator.
+
+It decides "CPU" itself when no accelerator is present (accelerate only starts gloo when told, and
+otherwise silently trains independent copies), refuses a launcher world size that Accelerate does
+not see, sets threads, seeds, and builds the optimizer.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, TypeVar
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+
+from lmdist.config import TrainConfig
+from lmdist.errors import ConfigError, LaunchError, LmdistError
+
+T = TypeVar("T")
+
+
+def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Accelerator:
+    """An Accelerator for this launch: CPU/gloo without an accelerator, the launcher's world size verified."""
+    check_launcher_env()
+    try:
+        accelerator = Accelerator(
+            cpu=not has_accelerator(),
+            gradient_accumulation_steps=cfg.grad_accum,
+            # Batches are drawn globally and split: N ranks x b see what 1 process x N*b sees,
+            # and the LR scheduler steps once per optimizer step whatever the world size.
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            log_with=log_with,
+            project_dir=cfg.output_dir,
+        )
+    except ValueError as e:  # e.g. fp16 asked for on a device without it
+        raise ConfigError(f"accelerate refused this launch: {e}") from None
+    check_world_size(accelerator.num_processes)
+    torch.set_num_threads(threads_per_process(cfg))
+    return accelerator
+
+
+def has_accelerator() -> bool:
+    """True when torch sees a GPU (or another accelerator), unless ACCELERATE_USE_CPU asks for CPU."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return bool(accel.is_available()) if accel is not None else torch.cuda.is_available()
+
+
+def check_launcher_env() -> None:
+    """Catch launches that would hang or silently run fewer processes than asked for."""
+    world = _env_int("WORLD_SIZE")
+    if world is not None and world > 1 and _env_int("RANK") is None:
+        raise LaunchError(f"WORLD_SIZE={world} is set but RANK is not: start the ranks with torchrun or "
+                          "`accelerate launch --multi_gpu --num_processes N`, or unset WORLD_SIZE for one process")
+    if os.environ.get("MASTER_ADDR") and "ACCELERATE_USE_CPU" in os.environ and _env_int("RANK") is None:
+        # accelerate's single-process launcher sets MASTER_ADDR only when --num_processes > 1 was asked for.
+        warnings.warn("accelerate started ONE process although --num_processes > 1 was asked for: add --multi_gpu "
+                      "(on CPU too) to start them, e.g. `accelerate launch --multi_gpu --num_processes 2 train.py`",
+                      stacklevel=2)
+
+
+def check_world_size(accelerate_world: int) -> None:
+    """Refuse to train when the launcher started more ranks than Accelerate joined into one group."""
+    launched = _env_int("WORLD_SIZE")
+    if launched is not None and launched != accelerate_world:
+        raise LaunchError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate sees a world of {accelerate_world}: "
+            "they would train independent copies. On CPU-only machines export ACCELERATE_USE_CPU=1 or check that "
+            "torch sees the GPUs you expect"
+        )
+
+
+def threads_per_process(cfg: TrainConfig) -> int:
+    """`threads`, or the cores this process may use divided among the ranks on this node.
+
+    Launchers set OMP_NUM_THREADS=1 for their workers, which leaves cores idle on CPU; this wins over it.
+    """
+    if cfg.threads:
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // (_env_int("LOCAL_WORLD_SIZE") or 1))
+
+
+def main_process_first(accelerator: Accelerator, build: Callable[[], T]) -> T:
+    """Run `build` on the main process, then on the others (which then reuse its caches).
+
+    Like `accelerator.main_process_first()`, but a user error on the main process is raised on every
+    rank instead of leaving the others waiting at the barrier.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except LmdistError as e:
+            error = e
+    if accelerator.num_processes > 1:
+        shared = broadcast_object_list([None if error is None else (type(error), str(error))])[0]
+        if shared is not None and error is None:
+            error = shared[0](f"{shared[1]} (reported by the main process)")
+    if error is not None:
+        raise error
+    return result if accelerator.is_main_process else build()
+
+
+def seed_everything(seed: int, accelerator: Accelerator, per_rank: bool) -> None:
+    """Same seed on every rank for initialisation; seed + rank afterwards so ranks draw different dropout."""
+    set_seed(seed + (accelerator.process_index if per_rank else 0))
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD with weight decay only on matrices and embeddings (never biases or norm weights)."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
+    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None

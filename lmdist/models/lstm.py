@@ -1,0 +1,35 @@
+"""The lesson's LSTM language model: embedding -> stacked LSTM layers -> linear decoder.
+
+Each layer is its own `nn.LSTM` module (not one multi-layer LSTM), so later work can shard or
+checkpoint layer by layer without changing parameter names. Every sequence starts from a zero
+hidden state, as in the lesson: results do not depend on how sequences are split across ranks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LSTMLanguageModel(nn.Module):
+    def __init__(self, vocab_size: int, embedding_dim: int, hidden_dim: int, num_layers: int,
+                 dropout: float, tie_weights: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        # With tied weights the last layer must speak the embedding's width (as in AWD-LSTM).
+        widths = [embedding_dim] + [hidden_dim] * (num_layers - 1) + [embedding_dim if tie_weights else hidden_dim]
+        self.layers = nn.ModuleList(nn.LSTM(widths[i], widths[i + 1], batch_first=True) for i in range(num_layers))
+        self.drop = nn.Dropout(dropout)
+        self.decoder = nn.Linear(widths[-1], vocab_size)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        if tie_weights:
+            self.decoder.weight = self.embedding.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, time) -> next-token logits (batch, time, vocab)."""
+        x = self.drop(self.embedding(idx))
+        for layer in self.layers:
+            x, _ = layer(x)  # no initial state: each sequence starts from zeros
+            x = self.drop(x)
+        return self.decoder(x)

@@ -1,0 +1,59 @@
+"""How long the run is, counted in optimizer steps, and how the learning rate moves over it.
+
+Two counters, never mixed up: a *micro-step* is one batch through forward and backward; a *step*
+is one optimizer update (`grad_accum` micro-steps).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmdist.config import TrainConfig
+from lmdist.errors import DataError
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    steps_per_epoch: int
+    total_steps: int
+    tokens_per_step: int  # global: every rank's targets in one optimizer step
+    sequences_dropped: int  # per epoch: the remainder that cannot fill a whole optimizer step
+
+    @classmethod
+    def make(cls, cfg: TrainConfig, n_sequences: int, world_size: int) -> "Plan":
+        per_step = world_size * cfg.batch_size * cfg.grad_accum
+        steps_per_epoch = n_sequences // per_step
+        if steps_per_epoch == 0:
+            raise DataError(
+                f"the training split has {n_sequences} sequences of block_size {cfg.block_size}, fewer than one "
+                f"optimizer step needs ({world_size} processes x batch_size {cfg.batch_size} x grad_accum "
+                f"{cfg.grad_accum} = {per_step}): use more text or a smaller batch_size, grad_accum or block_size"
+            )
+        total = steps_per_epoch * cfg.epochs
+        return cls(world_size, steps_per_epoch, min(total, cfg.max_steps or total), per_step * cfg.block_size,
+                   n_sequences - steps_per_epoch * per_step)
+
+    def epoch_of(self, step: int) -> float:
+        """Fractional epochs completed after `step` optimizer steps."""
+        return step / self.steps_per_epoch
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+    return cfg.effective_min_lr + shape * (cfg.lr - cfg.effective_min_lr)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """A LambdaLR that follows `lr_at`, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr if cfg.lr else 1.0
+    )

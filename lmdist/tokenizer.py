@@ -1,0 +1,183 @@
+"""Tokenizers: byte, char, word (as in the lesson), byte-level BPE, or a HuggingFace tokenizer folder.
+
+Every tokenizer appends an end-of-document token to each row it encodes (the lesson's `<eos>` per
+line), so packed sequences see where documents end. `char` and `word` build their vocabulary from
+the training split only; `bpe` trains there too. All of them save to and load from a folder
+(`<output_dir>/tokenizer/`), so a run's tokenizer travels with its weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Iterable, Iterator
+
+from lmdist.errors import DataError
+
+UNK, EOS = "<unk>", "<eos>"
+META_FILE = "lmdist_tokenizer.json"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255 plus <eos> = 256: nothing to train, never an unknown symbol."""
+
+    kind = "byte"
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save(self, folder: str) -> None:
+        _write_meta(folder, {"kind": self.kind})
+
+
+class VocabTokenizer:
+    """Characters (`char`) or whitespace-separated words (`word`) from a fixed vocabulary; the rest is <unk>."""
+
+    def __init__(self, kind: str, symbols: list[str]):
+        self.kind = kind
+        self.symbols = [UNK, EOS] + symbols
+        self.index = {s: i for i, s in enumerate(self.symbols)}
+        self.vocab_size = len(self.symbols)
+        self.eos_id = 1
+
+    @classmethod
+    def train(cls, kind: str, texts: Iterable[str], min_freq: int) -> "VocabTokenizer":
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(_split(kind, text))
+        # Most frequent first, ties by symbol: the same corpus always gives the same ids.
+        symbols = sorted((s for s, c in counts.items() if c >= min_freq and s not in (UNK, EOS)),
+                         key=lambda s: (-counts[s], s))
+        return cls(kind, symbols)
+
+    def encode(self, text: str) -> list[int]:
+        index = self.index
+        return [index.get(s, 0) for s in _split(self.kind, text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        sep = " " if self.kind == "word" else ""
+        return sep.join(self.symbols[i] for i in ids)
+
+    def save(self, folder: str) -> None:
+        _write_meta(folder, {"kind": self.kind, "symbols": self.symbols[2:]})
+
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer: byte-level BPE trained here (`bpe`), or one loaded from a folder."""
+
+    def __init__(self, kind: str, tok, eos_token: str | None):
+        self.kind = kind
+        self.tok = tok
+        self.eos_token = eos_token
+        self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def train_bpe(cls, texts: Iterator[str], vocab_size: int) -> "HFTokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls("bpe", tok, EOS)
+
+    @classmethod
+    def from_folder(cls, folder: str, kind: str = "folder") -> "HFTokenizer":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        return cls(kind, tok, _eos_token(folder, tok))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.tok.save(os.path.join(folder, "tokenizer.json"))
+        _write_meta(folder, {"kind": self.kind, "eos_token": self.eos_token})
+
+
+Tokenizer = ByteTokenizer | VocabTokenizer | HFTokenizer
+
+
+def build_tokenizer(name: str, train_texts, vocab_size: int, min_freq: int) -> Tokenizer:
+    """Make the tokenizer `name` (a TOKENIZER_NAMES entry or a folder), training on `train_texts` if it learns."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name in ("char", "word"):
+        tok = VocabTokenizer.train(name, train_texts(), min_freq)
+        if tok.vocab_size <= 2:
+            raise DataError(f"--tokenizer {name}: no symbol occurs at least min_freq={min_freq} times in the training data")
+        return tok
+    if name == "bpe":
+        return HFTokenizer.train_bpe(train_texts(), vocab_size)
+    return HFTokenizer.from_folder(name)
+
+
+def load_tokenizer(folder: str) -> Tokenizer:
+    """Load a tokenizer saved by `save()`."""
+    try:
+        with open(os.path.join(folder, META_FILE)) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"no tokenizer saved in {folder} ({META_FILE} missing)") from None
+    if meta["kind"] == "byte":
+        return ByteTokenizer()
+    if meta["kind"] in ("char", "word"):
+        return VocabTokenizer(meta["kind"], meta["symbols"])
+    return HFTokenizer.from_folder(folder, meta["kind"])
+
+
+def encode_rows(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each row, each followed by the end-of-document token (when the tokenizer has one)."""
+    batch = tokenizer.encode_batch(texts) if isinstance(tokenizer, HFTokenizer) else [tokenizer.encode(t) for t in texts]
+    if tokenizer.eos_id is not None:
+        for ids in batch:
+            ids.append(tokenizer.eos_id)
+    return batch
+
+
+def _split(kind: str, text: str) -> Iterable[str]:
+    return text.split() if kind == "word" else text
+
+
+def _write_meta(folder: str, meta: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, META_FILE), "w") as f:
+        json.dump(meta, f)
+
+
+def _eos_token(folder: str, tok) -> str | None:
+    """The end-of-text token a HuggingFace folder declares (tokenizer_config.json), else a common one it has."""
+    meta_path = os.path.join(folder, META_FILE)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f).get("eos_token")
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            eos = json.load(f).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if eos:
+            return eos
+    for candidate in ("<|endoftext|>", "</s>", EOS):
+        if tok.token_to_id(candidate) is not None:
+            return candidate
+    return None

@@ -1,0 +1,268 @@
+"""What rank zero writes about a run: config.yaml, run.json, metrics.jsonl, W&B, the console.
+
+metrics.jsonl and W&B are Accelerate trackers, so `accelerator.log(row, step=step)` feeds both with
+the same keys. W&B never stops training: if it cannot start online within `wandb_init_timeout`
+seconds, the run logs offline and says so.
+"""
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from urllib.parse import urlparse
+
+from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
+
+from lmdist.config import TrainConfig
+
+
+class JsonlTracker(GeneralTracker):
+    """One JSON object per log event in `<output_dir>/metrics.jsonl`."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.file = None
+
+    @on_main_process
+    def start(self) -> None:
+        self.file = open(self.path, "w")
+
+    @property
+    def tracker(self):
+        return self.file
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        pass  # the config lives in config.yaml and run.json
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.file.write(json.dumps(values) + "\n")
+        self.file.flush()
+
+    @on_main_process
+    def finish(self) -> None:
+        self.file.close()
+
+
+class ResilientWandBTracker(WandBTracker):
+    """accelerate's W&B tracker, with a bounded online start that falls back to offline logging."""
+
+    def __init__(self, project: str, mode: str, timeout: float, **init_kwargs):
+        super().__init__(project, **init_kwargs)
+        self.mode, self.timeout, self.fell_back = mode, timeout, None
+
+    @on_main_process
+    def start(self) -> None:
+        import wandb
+
+        settings = wandb.Settings(init_timeout=self.timeout)
+        try:
+            self.run = wandb.init(project=self.run_name, mode=self.mode, settings=settings, **self.init_kwargs)
+        except Exception as e:  # no key, unreachable server, timeout: log offline, keep training
+            if self.mode != "online":
+                raise
+            self.fell_back = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"W&B could not start online ({self.fell_back}); logging offline instead", stacklevel=2)
+            self.mode = "offline"
+            self.run = wandb.init(project=self.run_name, mode="offline", **self.init_kwargs)
+
+
+def wandb_mode(cfg: TrainConfig) -> str:
+    """The mode W&B runs in: the field, else WANDB_MODE, else online when credentials exist, else offline."""
+    if cfg.wandb_mode != "auto":
+        return cfg.wandb_mode
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    return "online" if has_wandb_credentials() else "offline"
+
+
+def has_wandb_credentials() -> bool:
+    """An API key in the environment or in ~/.netrc (where `wandb login` stores it) for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def make_trackers(cfg: TrainConfig, run_id: str) -> list[GeneralTracker]:
+    """Trackers for `Accelerator(log_with=...)`: metrics.jsonl always, W&B unless disabled."""
+    trackers: list[GeneralTracker] = [JsonlTracker(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    mode = wandb_mode(cfg)
+    if mode != "disabled":
+        trackers.append(ResilientWandBTracker(
+            cfg.wandb_project, mode, cfg.wandb_init_timeout, id=run_id, name=cfg.run_name or _run_name(cfg),
+            dir=cfg.output_dir, resume="allow",
+        ))
+    return trackers
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    return os.path.basename(os.path.normpath(cfg.output_dir))
+
+
+# ----------------------------------------------------------------------------- run records
+
+def run_facts(accelerator, cfg: TrainConfig, threads: int) -> dict:
+    """The facts of this launch for run.json and W&B (not settings: those are in config.yaml)."""
+    import accelerate
+    import datasets
+    import torch
+    import wandb
+
+    import lmdist
+
+    return {
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "device_name": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": threads,
+        "launcher": _launcher(),
+        "hostname": platform.node(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "command": [sys.executable] + sys.argv,
+        "git_commit": _git_commit(os.path.dirname(os.path.abspath(sys.argv[0]))),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+                     "wandb": wandb.__version__, "lmdist": lmdist.__version__},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _launcher() -> str:
+    if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by every `accelerate launch`
+        return "accelerate"
+    return "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python"
+
+
+def _git_commit(folder: str) -> str | None:
+    try:
+        commit = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------- console
+
+class Console:
+    """Rank zero's console: a progress bar on a terminal, plain lines (no carriage returns) otherwise."""
+
+    def __init__(self, accelerator, total_steps: int, initial_step: int = 0):
+        self.enabled = accelerator.is_main_process
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+        self.total_steps = total_steps
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, row: dict) -> None:
+        """A log row: the bar's postfix on a terminal, one line otherwise (val rows always as a line)."""
+        if not self.enabled:
+            return
+        text = format_row(row)
+        if self.bar is not None and "val/loss" not in row:
+            self.bar.set_postfix_str(text, refresh=False)
+        else:
+            self.print(f"step {row['step']}/{self.total_steps} | {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_row(row: dict) -> str:
+    parts = []
+    for key, value in row.items():
+        if key in ("step", "micro_step"):
+            continue
+        if isinstance(value, float):
+            value = f"{value:.3e}" if key == "lr" or (value != 0 and abs(value) < 1e-3) else (
+                f"{value:,.0f}" if key == "tokens_per_sec" else f"{value:.4g}")
+        parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+class RunLog:
+    """Rank zero's record of one run: config.yaml, run.json, every tracker and the console."""
+
+    def __init__(self, accelerator, cfg: TrainConfig, facts: dict, total_steps: int):
+        self.accelerator, self.cfg, self.facts = accelerator, cfg, facts
+        self.console = Console(accelerator, total_steps)
+        self.run_json = os.path.join(cfg.output_dir, "run.json")
+        if accelerator.is_main_process:
+            cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
+            write_json(self.run_json, {**facts, "status": "running"})
+        accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), "run": facts})
+        wandb_tracker = next((t for t in accelerator.trackers if isinstance(t, ResilientWandBTracker)), None)
+        self.wandb_mode = wandb_tracker.mode if wandb_tracker else "disabled"
+        if wandb_tracker and wandb_tracker.fell_back:
+            self.console.print(f"W&B: online start failed ({wandb_tracker.fell_back}); logging offline")
+
+    def print(self, message: str) -> None:
+        self.console.print(message)
+
+    def log(self, row: dict) -> None:
+        self.accelerator.log(row, step=row["step"])
+        self.console.log(row)
+
+    def finish(self, summary: dict) -> None:
+        """Close the trackers, complete run.json and say where the W&B files are."""
+        self.console.close()
+        self.accelerator.end_training()
+        if not self.accelerator.is_main_process:
+            return
+        write_json(self.run_json, {**self.facts, **summary, "wandb_mode": self.wandb_mode,
+                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        if self.wandb_mode == "offline":
+            self.print(f"W&B logged offline under {os.path.join(self.cfg.output_dir, 'wandb')}; "
+                       f"upload with: wandb sync {os.path.join(self.cfg.output_dir, 'wandb', 'offline-run-*')}")
