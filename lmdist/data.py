@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -45,8 +46,12 @@ class Corpus:
 
 def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool) -> Corpus:
     """Load, split and tokenize the data; the main process builds caches first, the others reuse them."""
+    import datasets
+
     for spec in filter(None, (cfg.dataset, cfg.val_dataset)):
         check_source(spec)  # on every rank, before any collective: a bad path fails everywhere at once
+    if not (is_main and sys.stderr.isatty()):
+        datasets.disable_progress_bars()  # one bar, on rank zero's terminal; no carriage returns in logs
 
     def build() -> Corpus:
         train_rows, val_rows, source = load_rows(cfg)

@@ -36,6 +36,10 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
     except ValueError as e:  # e.g. fp16 asked for on a device without it
         raise ConfigError(f"accelerate refused this launch: {e}") from None
     check_world_size(accelerator.num_processes)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would report fp16 and quietly train in fp32
+        raise ConfigError("fp16 mixed precision needs a GPU; on CPU launch with `accelerate launch --mixed_precision bf16` "
+                          "(torchrun: ACCELERATE_MIXED_PRECISION=bf16) or without mixed precision")
     torch.set_num_threads(threads_per_process(cfg))
     return accelerator
 
