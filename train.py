@@ -13,7 +13,7 @@ import sys
 
 import torch.nn.functional as F
 
-from lmdist import config, data, engine, tracking
+from lmdist import config, data, engine, export, tracking
 from lmdist.errors import run_cli
 from lmdist.metrics import Throughput, TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
@@ -95,6 +95,8 @@ def main(argv: list[str]) -> None:
         if step == plan.total_steps:
             break
 
+    final_dir = export.save_final(accelerator, model, cfg, corpus.tokenizer.vocab_size)
+    log.print(f"final weights: {final_dir}")
     log.finish({"status": "completed", "step": step, "micro_step": micro_step, "final": row})
 
 

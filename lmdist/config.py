@@ -314,7 +314,10 @@ def type_name(name: str) -> str:
 
 def markdown_table() -> str:
     """The README's table of fields (kept in sync by a test)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
     rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(TrainConfig):
-        rows.append(f"| `{f.name}` | {type_name(f.name)} | `{f.default}` | {f.metadata['help']} |")
+        rows.append(f"| `{f.name}` | {cell(type_name(f.name))} | `{f.default}` | {cell(f.metadata['help'])} |")
     return "\n".join(rows)

@@ -103,10 +103,12 @@ def load_rows(cfg: TrainConfig):
     elif "validation" in loaded:
         val = loaded["validation"]
         source["val_split"] = "validation"
+    elif train.num_rows == 1:  # one long document: hold out the tail of its text
+        text = train[0][cfg.text_column]
+        cut = round(len(text) * (1 - cfg.val_fraction))
+        train, val = (datasets.Dataset.from_dict({cfg.text_column: [part]}) for part in (text[:cut], text[cut:]))
+        source["val_split"] = f"last {len(text) - cut} of {len(text)} characters"
     else:
-        if train.num_rows < 2:
-            raise DataError(f"{cfg.dataset!r} has {train.num_rows} row(s): too few to hold out validation rows; "
-                            "pass --val_dataset")
         n_val = min(train.num_rows - 1, max(1, round(train.num_rows * cfg.val_fraction)))
         # The tail, not a random sample: neighbouring lines of one document stay on one side.
         train, val = train.select(range(train.num_rows - n_val)), train.select(range(train.num_rows - n_val, train.num_rows))

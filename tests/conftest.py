@@ -1,0 +1,112 @@
+"""Shared fixtures: generated corpora and real training runs, launched once per session and reused.
+
+Every run is a real `train.py` process (or 2 gloo ranks) on tiny models; no test depends on ../shared
+or on the network.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.markov import MarkovSource
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+# A tiny GPT and the settings every comparison run shares (dropout off: ranks must draw the same numbers).
+TINY_GPT = ["--model", "gpt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+            "--dropout", "0", "--tokenizer", "char", "--log_every", "1", "--seed", "7"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], cwd: Path, nproc: int = 1, launcher: str = "python", env: dict | None = None,
+           timeout: int = 300, script: Path = TRAIN) -> subprocess.CompletedProcess:
+    """Run `script args` under a launcher: python, torchrun, accelerate (--multi_gpu) or accelerate-config."""
+    prefix = {
+        "python": [sys.executable],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                       str(nproc), "--main_process_port", str(free_port())],
+        "accelerate-config": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                              str(REPO / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(free_port())],
+    }[launcher]
+    full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
+    if "--wandb_mode" not in args:
+        args = [*args, "--wandb_mode", "disabled"]
+    return subprocess.run([*prefix, str(script), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_ok(*a, **kw) -> subprocess.CompletedProcess:
+    result = launch(*a, **kw)
+    assert result.returncode == 0, f"run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_run(output_dir: Path) -> dict:
+    return json.loads((output_dir / "run.json").read_text())
+
+
+def final_weights(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(output_dir / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def markov() -> MarkovSource:
+    return MarkovSource.make(seed=0)
+
+
+@pytest.fixture(scope="session")
+def markov_files(markov, tmp_path_factory) -> dict[str, Path]:
+    """Train/validation text from the same source, sampled separately, one line each; plus a short
+    training file (a few optimizer steps per epoch) for the equivalence runs."""
+    folder = tmp_path_factory.mktemp("markov")
+    files = {"train": folder / "train.txt", "val": folder / "val.txt", "short": folder / "short.txt",
+             "short_val": folder / "short_val.txt"}
+    files["train"].write_text(markov.sample(200_000, seed=1) + "\n")
+    files["val"].write_text(markov.sample(20_000, seed=2) + "\n")
+    files["short"].write_text(markov.sample(2_100, seed=3) + "\n")
+    # 999 symbols + <eos>: 999 targets, not a multiple of block_size 32 nor of the batch
+    files["short_val"].write_text(markov.sample(999, seed=4) + "\n")
+    return files
+
+
+@pytest.fixture(scope="session")
+def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
+    """The same training (global batch 8, 14 shuffled steps over two epochs) under five launches:
+    1 process x batch 8 (the reference), 2 torchrun ranks x 4 (with W&B offline), 1 process x 4 x
+    grad_accum 2, 2 `accelerate launch --multi_gpu` ranks x 2 x grad_accum 2, and 2 ranks from
+    accelerate_configs/cpu.yaml x 4."""
+    root = tmp_path_factory.mktemp("equivalence")
+    data = ["--dataset", str(markov_files["short"]), "--val_dataset", str(markov_files["short_val"]),
+            "--epochs", "2", "--eval_every", "5", "--warmup_steps", "3"]
+    runs = {
+        "one_b8": (1, "python", ["--batch_size", "8"]),
+        "torchrun_b4": (2, "torchrun", ["--batch_size", "4", "--wandb_mode", "offline"]),
+        "accum_b4x2": (1, "python", ["--batch_size", "4", "--grad_accum", "2"]),
+        "accelerate_b2x2": (2, "accelerate", ["--batch_size", "2", "--grad_accum", "2"]),
+        "config_b4": (2, "accelerate-config", ["--batch_size", "4"]),
+    }
+    out = {}
+    for name, (nproc, launcher, extra) in runs.items():
+        out[name] = root / name
+        result = run_ok([*TINY_GPT, *data, *extra, "--output_dir", str(out[name])], cwd=root, nproc=nproc,
+                        launcher=launcher, env={"WANDB_MODE": "offline"})
+        (out[name] / "stdout.log").write_text(result.stdout)
+    return out

@@ -1,0 +1,143 @@
+"""One model, whatever the launch: world sizes, accumulation and launchers all train the same weights."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, TINY_GPT, final_weights, launch, read_metrics, read_run, run_ok
+
+pytestmark = pytest.mark.launch
+
+
+def losses_by_step(output_dir) -> dict[int, float]:
+    return {row["step"]: row["train/loss"] for row in read_metrics(output_dir) if "train/loss" in row}
+
+
+def assert_same_training(run, reference, rtol=1e-5):
+    """Per-step train/loss to rtol, and every parameter tensor to rtol in norm: ||a - b|| <= rtol ||b||.
+
+    (Element-wise rtol is meaningless for weights near zero: Adam divides their rounding noise by an
+    equally tiny second moment. Two copies or a different batch order miss this by orders of magnitude.)
+    """
+    got, want = losses_by_step(run), losses_by_step(reference)
+    assert len(want) >= 10 and sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=rtol)
+    a, b = final_weights(run), final_weights(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        difference = (a[name] - b[name]).norm().item()
+        assert difference <= rtol * b[name].norm().item(), f"parameter {name} differs by {difference:.2e}"
+
+
+@pytest.mark.parametrize("name", ["torchrun_b4", "accelerate_b2x2", "config_b4"])
+def test_two_ranks_train_the_one_process_model(equivalence_runs, name):
+    """2 ranks x batch b (x grad_accum) == 1 process x the same global batch: per-step loss and final weights."""
+    run, reference = equivalence_runs[name], equivalence_runs["one_b8"]
+    facts = read_run(run)
+    assert facts["world_size"] == 2 and facts["distributed_type"] == "MULTI_CPU"
+    assert_same_training(run, reference)
+
+
+def test_runs_cross_an_epoch_boundary_with_shuffled_batches(equivalence_runs):
+    rows = read_metrics(equivalence_runs["torchrun_b4"])
+    facts = read_run(equivalence_runs["torchrun_b4"])
+    assert facts["steps_per_epoch"] == 8 and max(r["step"] for r in rows) == 16
+    assert any(r["epoch"] == 1.0 and "val/loss" in r for r in rows)  # epoch-end evaluation
+    # Shuffling is on: the second epoch's losses are not the first epoch's replayed in order.
+    losses = losses_by_step(equivalence_runs["one_b8"])
+    assert [round(losses[s], 4) for s in range(1, 9)] != [round(losses[s], 4) for s in range(9, 17)]
+
+
+def test_gradient_accumulation_equals_one_big_batch(equivalence_runs):
+    """grad_accum 2 x batch 4 == 1 x batch 8; counters say 2 micro-steps per step."""
+    assert_same_training(equivalence_runs["accum_b4x2"], equivalence_runs["one_b8"])
+    rows = read_metrics(equivalence_runs["accum_b4x2"])
+    assert all(r["micro_step"] == 2 * r["step"] for r in rows)
+    assert read_metrics(equivalence_runs["one_b8"])[-1]["tokens_seen"] == rows[-1]["tokens_seen"] == 16 * 8 * 32
+
+
+def test_plan_line_and_run_facts(equivalence_runs):
+    log = (equivalence_runs["torchrun_b4"] / "stdout.log").read_text()
+    plan = [line for line in log.splitlines() if line.startswith("plan:")]
+    assert len(plan) == 1, "rank zero prints one plan line"
+    assert "world size 2 (MULTI_CPU)" in plan[0] and "256 tokens/step" in plan[0] and "8 steps/epoch" in plan[0]
+    assert "16 total steps" in plan[0] and "1 threads/process" in plan[0]
+    assert "dropping 1 of 65 training sequences" in log
+    facts = read_run(equivalence_runs["torchrun_b4"])
+    assert facts["launcher"] == "torchrun" and facts["threads"] == 1 and facts["status"] == "completed"
+    assert facts["mixed_precision"] == "no" and facts["device"].startswith("cpu")
+    assert {"torch", "accelerate", "datasets", "wandb"} <= set(facts["versions"])
+    assert read_run(equivalence_runs["accelerate_b2x2"])["launcher"] == "accelerate"
+
+
+def test_evaluation_counts_every_token_once_whatever_the_world_size(markov_files, tmp_path):
+    """With lr 0 the weights never move: val/loss from 1 and 2 ranks (batch 3: padding needed) must agree to
+    1e-6, and equal a hand computation over every validation target with the exported weights."""
+    args = [*TINY_GPT, "--dataset", str(markov_files["short"]), "--val_dataset", str(markov_files["short_val"]),
+            "--lr", "0", "--max_steps", "1", "--batch_size", "3"]
+    run_ok([*args, "--output_dir", str(tmp_path / "one")], cwd=tmp_path)
+    run_ok([*args, "--output_dir", str(tmp_path / "two")], cwd=tmp_path, nproc=2, launcher="torchrun")
+    one, two = read_metrics(tmp_path / "one")[-1], read_metrics(tmp_path / "two")[-1]
+    assert abs(one["val/loss"] - two["val/loss"]) <= 1e-6 * one["val/loss"]
+    assert one["val/acc"] == pytest.approx(two["val/acc"], abs=1e-12)
+
+    from lmdist.config import TrainConfig
+    from lmdist.models import build_model
+    from lmdist.tokenizer import load_tokenizer
+
+    cfg = TrainConfig(model="gpt", n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0)
+    tokenizer = load_tokenizer(str(tmp_path / "one" / "final" / "tokenizer"))
+    model = build_model(cfg, tokenizer.vocab_size)
+    model.load_state_dict(final_weights(tmp_path / "one"), strict=False)  # lm_head is tied to wte
+    model.eval()
+    ids = torch.tensor(tokenizer.encode(markov_files["short_val"].read_text().strip()) + [tokenizer.eos_id])
+    assert len(ids) == 1000
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 32):  # the packing: inputs ids[s:s+32], targets shifted by one
+            x, y = ids[start:start + 32][None], ids[start + 1:start + 33]
+            logits = model(x[:, : len(y)])[0]
+            total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            count += len(y)
+    assert count == 999
+    assert one["val/loss"] == pytest.approx(total / count, rel=1e-5)
+    assert one["val/acc"] == pytest.approx(correct / count, abs=1e-9)
+
+
+def test_world_size_mismatch_is_refused(markov_files, tmp_path):
+    """Two torchrun ranks whose Accelerate was not told to use the CPU (what plain accelerate does on a CPU
+    machine) would train two copies: both ranks must refuse with exit 2 and say why."""
+    wrapper = tmp_path / "without_cpu_decision.py"
+    wrapper.write_text(
+        "import runpy, sys\nimport lmdist.engine\n"
+        "lmdist.engine.has_accelerator = lambda: True  # Accelerator(cpu=False) on a machine without GPUs\n"
+        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    result = launch([*TINY_GPT, "--dataset", str(markov_files["short"]), "--output_dir", str(tmp_path / "out")],
+                    cwd=tmp_path, nproc=2, launcher="torchrun", script=wrapper, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("the launcher started 2 processes (WORLD_SIZE) but Accelerate sees a world of 1") == 2
+    assert "engine.py" not in result.stderr, "a user error, not a traceback (the launcher's own report aside)"
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_world_size_without_rank_is_refused(tmp_path):
+    result = launch(["--output_dir", str(tmp_path / "out")], cwd=tmp_path, env={"WORLD_SIZE": "2"}, timeout=60)
+    assert result.returncode == 2 and "WORLD_SIZE=2 is set but RANK is not" in result.stderr
+
+
+def test_single_process_accelerate_launch_warns(markov_files, tmp_path):
+    """`accelerate launch --num_processes 2` without --multi_gpu starts one process: say so."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", str(REPO / "train.py"),
+           *TINY_GPT, "--dataset", str(markov_files["short"]), "--max_steps", "1", "--output_dir", str(tmp_path / "o"),
+           "--wandb_mode", "disabled"]
+    import subprocess
+
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerate started ONE process although --num_processes > 1 was asked for" in result.stderr
+    assert read_run(tmp_path / "o")["world_size"] == 1
