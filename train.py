@@ -49,7 +49,8 @@ def main(argv: list[str]) -> None:
                  steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)
     log = tracking.RunLog(accelerator, cfg, facts, plan.total_steps)
     log.print(f"plan: world size {plan.world_size} ({facts['distributed_type']}), mixed precision "
-              f"{accelerator.mixed_precision}, {facts['threads']} threads/process, {plan.tokens_per_step:,} tokens/step "
+              f"{accelerator.mixed_precision}, {facts['threads']} threads/process, "
+              f"{plan.tokens_per_step:,} tokens/step "
               f"(global), {plan.steps_per_epoch} steps/epoch, {plan.total_steps} total steps, {n_params:,} parameters")
     log.print(f"data: {corpus.source}, tokenizer {corpus.tokenizer.kind} (vocab {corpus.tokenizer.vocab_size}), "
               f"{corpus.train.n_tokens:,} train / {corpus.val.n_tokens:,} val tokens, fingerprint {corpus.fingerprint}")

@@ -14,7 +14,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -42,22 +42,22 @@ class TrainConfig:
     block_size: int = _f(128, "tokens per training sequence (the context length)", "model")
     # data
     dataset: str = _f("builtin", "`builtin` (bundled corpus, no download), a local text/json/jsonl/csv/parquet file, folder or glob, a `save_to_disk` folder, or a hub dataset name", "data")
-    dataset_config: Optional[str] = _f(None, "hub dataset configuration name (e.g. `wikitext-2-raw-v1`)", "data")
+    dataset_config: str | None = _f(None, "hub dataset configuration name (e.g. `wikitext-2-raw-v1`)", "data")
     text_column: str = _f("text", "column holding the text", "data")
-    val_dataset: Optional[str] = _f(None, "validation data (same forms as `dataset`); default: the source's `validation` split, else the last val_fraction of the training rows", "data")
+    val_dataset: str | None = _f(None, "validation data (same forms as `dataset`); default: the source's `validation` split, else the last val_fraction of the training rows", "data")
     val_fraction: float = _f(0.05, "fraction of training rows held out for validation when there is no validation split", "data")
-    cache_dir: Optional[str] = _f(None, "HuggingFace datasets cache folder (default: the datasets library's own)", "data")
+    cache_dir: str | None = _f(None, "HuggingFace datasets cache folder (default: the datasets library's own)", "data")
     tokenizer: str = _f("byte", "`byte`, `char`, `word` (vocabulary from the training split), `bpe` (byte-level BPE trained on the training split), or a local HuggingFace tokenizer folder", "data")
     vocab_size: int = _f(4096, "bpe: vocabulary size to train", "data")
     min_freq: int = _f(1, "char/word: keep symbols seen at least this often in training; rarer ones become <unk>", "data")
     # optimisation
     epochs: int = _f(1, "passes over the training data (the run ends at epochs or max_steps, whichever is first)", "optimisation")
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (default: no limit)", "optimisation")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (default: no limit)", "optimisation")
     batch_size: int = _f(32, "sequences per process per micro-step", "optimisation")
     grad_accum: int = _f(1, "micro-steps accumulated into each optimizer step", "optimisation")
     optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "`adamw`, `adam` or `sgd` (with momentum beta1)", "optimisation")
     lr: float = _f(3e-3, "peak learning rate", "optimisation")
-    min_lr: Optional[float] = _f(None, "learning rate at the end of the schedule (default: lr / 10)", "optimisation")
+    min_lr: float | None = _f(None, "learning rate at the end of the schedule (default: lr / 10)", "optimisation")
     warmup_steps: int = _f(20, "optimizer steps of linear warm-up from 0 to lr", "optimisation")
     lr_schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "decay from lr to min_lr after warm-up: `cosine`, `linear` or `constant`", "optimisation")
     weight_decay: float = _f(0.01, "decoupled weight decay on weight matrices and embeddings (never on biases or norm weights)", "optimisation")
@@ -65,13 +65,13 @@ class TrainConfig:
     beta2: float = _f(0.99, "Adam beta2", "optimisation")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value on optimizer steps (0 = no clipping)", "optimisation")
     seed: int = _f(1337, "random seed for initialisation, shuffling and dropout", "optimisation")
-    threads: Optional[int] = _f(None, "torch threads per process (default: available cores / processes on this node)", "optimisation")
+    threads: int | None = _f(None, "torch threads per process (default: available cores / processes on this node)", "optimisation")
     # evaluation and logging
     eval_every: int = _f(100, "evaluate every this many optimizer steps (also at each epoch end and the last step)", "logging")
     eval_batches: int = _f(0, "validation batches per evaluation (0 = the whole validation set)", "logging")
     log_every: int = _f(10, "log training metrics every this many optimizer steps (and at the last step)", "logging")
     output_dir: str = _f("runs/lmdist", "folder for config.yaml, run.json, metrics.jsonl, the tokenizer and W&B files", "logging")
-    run_name: Optional[str] = _f(None, "W&B run name (default: the output_dir folder name)", "logging")
+    run_name: str | None = _f(None, "W&B run name (default: the output_dir folder name)", "logging")
     wandb_project: str = _f("lmdist", "W&B project", "logging")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = _f("auto", "`auto` (online when W&B credentials are configured, else offline), `online`, `offline` or `disabled`", "logging")
     wandb_init_timeout: float = _f(30.0, "seconds to wait for W&B to start online before falling back to offline logging", "logging")

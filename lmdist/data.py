@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 class Corpus:
     """The tokenized training and validation streams, and what produced them."""
 
-    train: "TokenStream"
-    val: "TokenStream"
+    train: TokenStream
+    val: TokenStream
     tokenizer: Tokenizer
     fingerprint: str
     source: dict
@@ -111,7 +111,8 @@ def load_rows(cfg: TrainConfig):
     else:
         n_val = min(train.num_rows - 1, max(1, round(train.num_rows * cfg.val_fraction)))
         # The tail, not a random sample: neighbouring lines of one document stay on one side.
-        train, val = train.select(range(train.num_rows - n_val)), train.select(range(train.num_rows - n_val, train.num_rows))
+        cut = train.num_rows - n_val
+        train, val = train.select(range(cut)), train.select(range(cut, train.num_rows))
         source["val_split"] = f"last {n_val} of {train.num_rows + n_val} rows"
     for name, rows in ((cfg.dataset, train), (cfg.val_dataset or cfg.dataset, val)):
         if cfg.text_column not in rows.column_names:
@@ -135,7 +136,7 @@ def _load(spec: str, cfg: TrainConfig):
         return datasets.load_dataset(builders.pop(), data_files={"train": files}, cache_dir=cfg.cache_dir)
     try:
         return datasets.load_dataset(spec, cfg.dataset_config, cache_dir=cfg.cache_dir)
-    except Exception as e:  # the hub client raises many types: connection, not found, bad config
+    except Exception as e:  # noqa: BLE001 -- the hub client raises many types: connection, not found, config
         raise DataError(f"could not load the hub dataset {spec!r} (config {cfg.dataset_config!r}): "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} -- check the name and "
                         "network, or pass a local file or folder") from None
@@ -275,21 +276,21 @@ class EpochPermutation(Sampler[int]):
 
 
 class PaddedRange(Sampler[int]):
-    """range(n), then pad indices (== n) up to a multiple of `multiple`; at most `limit` indices when set."""
+    """range(n), then pad indices (== n) up to a multiple of `multiple`; only the first `limit` when set."""
 
     def __init__(self, n: int, multiple: int, limit: int = 0):
-        self.n, self.total = n, -(-n // multiple) * multiple
-        if limit:
-            self.total = min(self.total, limit)
+        self.n, self.padded = n, -(-n // multiple) * multiple
+        self.total = min(self.padded, limit) if limit else self.padded
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(range(self.n)) + [self.n] * (self.total - self.n))
+        return iter((list(range(self.n)) + [self.n] * (self.padded - self.n))[: self.total])
 
     def __len__(self) -> int:
         return self.total
 
 
-def train_loader(sequences: PackedSequences, batch_size: int, world_size: int, grad_accum: int, seed: int) -> DataLoader:
+def train_loader(sequences: PackedSequences, batch_size: int, world_size: int, grad_accum: int,
+                 seed: int) -> DataLoader:
     """Shuffled global batches; each epoch's remainder that cannot fill an optimizer step is dropped."""
     global_batch = batch_size * world_size
     micro_batches = len(sequences) // global_batch // grad_accum * grad_accum

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -38,7 +39,8 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
     check_world_size(accelerator.num_processes)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate would report fp16 and quietly train in fp32
-        raise ConfigError("fp16 mixed precision needs a GPU; on CPU launch with `accelerate launch --mixed_precision bf16` "
+        raise ConfigError("fp16 mixed precision needs a GPU; on CPU launch with "
+                          "`accelerate launch --mixed_precision bf16` "
                           "(torchrun: ACCELERATE_MIXED_PRECISION=bf16) or without mixed precision")
     torch.set_num_threads(threads_per_process(cfg))
     return accelerator
@@ -70,7 +72,8 @@ def check_world_size(accelerate_world: int) -> None:
     launched = _env_int("WORLD_SIZE")
     if launched is not None and launched != accelerate_world:
         raise LaunchError(
-            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate sees a world of {accelerate_world}: "
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate sees a world of "
+            f"{accelerate_world}: "
             "they would train independent copies. On CPU-only machines export ACCELERATE_USE_CPU=1 or check that "
             "torch sees the GPUs you expect"
         )

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 
 

@@ -23,7 +23,7 @@ class Plan:
     sequences_dropped: int  # per epoch: the remainder that cannot fill a whole optimizer step
 
     @classmethod
-    def make(cls, cfg: TrainConfig, n_sequences: int, world_size: int) -> "Plan":
+    def make(cls, cfg: TrainConfig, n_sequences: int, world_size: int) -> Plan:
         per_step = world_size * cfg.batch_size * cfg.grad_accum
         steps_per_epoch = n_sequences // per_step
         if steps_per_epoch == 0:

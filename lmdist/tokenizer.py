@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from lmdist.errors import DataError
 
@@ -46,7 +46,7 @@ class VocabTokenizer:
         self.eos_id = 1
 
     @classmethod
-    def train(cls, kind: str, texts: Iterable[str], min_freq: int) -> "VocabTokenizer":
+    def train(cls, kind: str, texts: Iterable[str], min_freq: int) -> VocabTokenizer:
         counts: Counter[str] = Counter()
         for text in texts:
             counts.update(_split(kind, text))
@@ -78,7 +78,7 @@ class HFTokenizer:
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def train_bpe(cls, texts: Iterator[str], vocab_size: int) -> "HFTokenizer":
+    def train_bpe(cls, texts: Iterator[str], vocab_size: int) -> HFTokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -92,7 +92,7 @@ class HFTokenizer:
         return cls("bpe", tok, EOS)
 
     @classmethod
-    def from_folder(cls, folder: str, kind: str = "folder") -> "HFTokenizer":
+    def from_folder(cls, folder: str, kind: str = "folder") -> HFTokenizer:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
@@ -123,7 +123,8 @@ def build_tokenizer(name: str, train_texts, vocab_size: int, min_freq: int) -> T
     if name in ("char", "word"):
         tok = VocabTokenizer.train(name, train_texts(), min_freq)
         if tok.vocab_size <= 2:
-            raise DataError(f"--tokenizer {name}: no symbol occurs at least min_freq={min_freq} times in the training data")
+            raise DataError(f"--tokenizer {name}: no symbol occurs at least min_freq={min_freq} times in the "
+                            "training data")
         return tok
     if name == "bpe":
         return HFTokenizer.train_bpe(train_texts(), vocab_size)
@@ -146,7 +147,10 @@ def load_tokenizer(folder: str) -> Tokenizer:
 
 def encode_rows(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each row, each followed by the end-of-document token (when the tokenizer has one)."""
-    batch = tokenizer.encode_batch(texts) if isinstance(tokenizer, HFTokenizer) else [tokenizer.encode(t) for t in texts]
+    if isinstance(tokenizer, HFTokenizer):
+        batch = tokenizer.encode_batch(texts)  # parallel, in Rust
+    else:
+        batch = [tokenizer.encode(t) for t in texts]
     if tokenizer.eos_id is not None:
         for ids in batch:
             ids.append(tokenizer.eos_id)

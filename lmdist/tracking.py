@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from urllib.parse import urlparse
 
 from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
@@ -36,7 +35,7 @@ class JsonlTracker(GeneralTracker):
 
     @on_main_process
     def start(self) -> None:
-        self.file = open(self.path, "w")
+        self.file = open(self.path, "w")  # noqa: SIM115 -- open for the whole run, closed in finish()
 
     @property
     def tracker(self):
@@ -57,26 +56,50 @@ class JsonlTracker(GeneralTracker):
 
 
 class ResilientWandBTracker(WandBTracker):
-    """accelerate's W&B tracker, with a bounded online start that falls back to offline logging."""
+    """accelerate's W&B tracker that never stops training.
+
+    An online start gets `timeout` seconds; if it fails, the run logs offline under the same id. If W&B
+    cannot start at all, logging to it is switched off. `fell_back` says why, for the console.
+    """
 
     def __init__(self, project: str, mode: str, timeout: float, **init_kwargs):
         super().__init__(project, **init_kwargs)
-        self.mode, self.timeout, self.fell_back = mode, timeout, None
+        self.mode, self.timeout, self.fell_back, self.run = mode, timeout, None, None
 
     @on_main_process
     def start(self) -> None:
         import wandb
 
-        settings = wandb.Settings(init_timeout=self.timeout)
         try:
-            self.run = wandb.init(project=self.run_name, mode=self.mode, settings=settings, **self.init_kwargs)
-        except Exception as e:  # no key, unreachable server, timeout: log offline, keep training
-            if self.mode != "online":
-                raise
+            self.run = wandb.init(project=self.run_name, mode=self.mode,
+                                  settings=wandb.Settings(init_timeout=self.timeout), **self.init_kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 -- no key, no server, timeout, bad settings: W&B never stops training
             self.fell_back = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"W&B could not start online ({self.fell_back}); logging offline instead", stacklevel=2)
-            self.mode = "offline"
-            self.run = wandb.init(project=self.run_name, mode="offline", **self.init_kwargs)
+        wandb.teardown()  # the failed start still holds the run id
+        if self.mode == "online":
+            try:
+                self.run = wandb.init(project=self.run_name, mode="offline", **self.init_kwargs)
+                self.mode = "offline"
+                return
+            except Exception as e:  # noqa: BLE001
+                self.fell_back += f"; offline: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        self.mode = "disabled"
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        if self.run is not None:
+            super().store_init_configuration(values)
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        if self.run is not None:
+            self.run.log(values, step=step, **kwargs)
+
+    @on_main_process
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
 
 
 def wandb_mode(cfg: TrainConfig) -> str:
@@ -138,7 +161,8 @@ def run_facts(accelerator, cfg: TrainConfig, threads: int) -> dict:
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),
-        "device_name": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name() if accelerator.device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "threads": threads,
         "launcher": _launcher(),
         "hostname": platform.node(),
@@ -246,7 +270,9 @@ class RunLog:
         wandb_tracker = next((t for t in accelerator.trackers if isinstance(t, ResilientWandBTracker)), None)
         self.wandb_mode = wandb_tracker.mode if wandb_tracker else "disabled"
         if wandb_tracker and wandb_tracker.fell_back:
-            self.console.print(f"W&B: online start failed ({wandb_tracker.fell_back}); logging offline")
+            then = "logging offline instead" if self.wandb_mode == "offline" else "training goes on without W&B"
+            self.console.print(f"warning: W&B could not start {cfg.wandb_mode if cfg.wandb_mode != 'auto' else ''}"
+                               f"({wandb_tracker.fell_back}); {then}")
 
     def print(self, message: str) -> None:
         self.console.print(message)

@@ -41,6 +41,7 @@ def launch(args: list[str], cwd: Path, nproc: int = 1, launcher: str = "python",
                               str(REPO / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(free_port())],
     }[launcher]
     full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None in `env` removes a variable
     if "--wandb_mode" not in args:
         args = [*args, "--wandb_mode", "disabled"]
     return subprocess.run([*prefix, str(script), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
@@ -49,7 +50,7 @@ def launch(args: list[str], cwd: Path, nproc: int = 1, launcher: str = "python",
 
 def run_ok(*a, **kw) -> subprocess.CompletedProcess:
     result = launch(*a, **kw)
-    assert result.returncode == 0, f"run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 
@@ -65,6 +66,12 @@ def final_weights(output_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(output_dir / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_datasets_cache(tmp_path_factory):
+    """Keep the HF datasets cache of every run (and its subprocesses) out of the user's home."""
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets_cache"))
 
 
 @pytest.fixture(scope="session")

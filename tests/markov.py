@@ -15,7 +15,7 @@ class MarkovSource:
     P: np.ndarray  # (n, n, n) transition probabilities
 
     @classmethod
-    def make(cls, seed: int = 0, n: int = len(SYMBOLS), probs=(0.6, 0.3, 0.1)) -> "MarkovSource":
+    def make(cls, seed: int = 0, n: int = len(SYMBOLS), probs=(0.6, 0.3, 0.1)) -> MarkovSource:
         rng = np.random.default_rng(seed)
         P = np.zeros((n, n, n))
         for a in range(n):

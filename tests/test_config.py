@@ -1,0 +1,133 @@
+"""The config: defaults < YAML < flags, strict coercion, validation with named fields, and the CLI's exits."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lmdist.config import FIELDS, TrainConfig, load_config, markdown_table, parse_args
+from lmdist.errors import ConfigError
+from tests.conftest import REPO, TRAIN
+
+
+def error_of(argv: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_args(argv)
+    return str(info.value)
+
+
+def test_defaults_and_flag_forms():
+    assert parse_args([]) == TrainConfig()
+    cfg = parse_args(["--model", "gpt", "--n_embd=64", "--lr", "3e-4", "--max_steps", "none", "--notie_weights"])
+    assert (cfg.model, cfg.n_embd, cfg.lr, cfg.max_steps, cfg.tie_weights) == ("gpt", 64, 3e-4, None, False)
+    assert parse_args(["--tie-weights", "false"]).tie_weights is False  # dashes work like underscores
+
+
+@pytest.mark.parametrize("text, value", [("false", False), ("False", False), ("no", False), ("0", False),
+                                         ("true", True), ("yes", True), ("1", True), ("ON", True)])
+def test_booleans_are_parsed_not_truthy(text, value):
+    assert parse_args(["--tie_weights", text]).tie_weights is value
+
+
+def test_strings_stay_verbatim():
+    """fire would turn these into numbers; a string field keeps what was typed."""
+    cfg = parse_args(["--run_name", "007", "--output_dir", "1e3", "--wandb_project", "0x10"])
+    assert (cfg.run_name, cfg.output_dir, cfg.wandb_project) == ("007", "1e3", "0x10")
+
+
+def test_misspelt_flag_suggests_the_field():
+    assert "unknown flag --n_embdd; did you mean --n_embd?" in error_of(["--n_embdd", "64"])
+    assert "did you mean --batch_size?" in error_of(["--batchsize", "4"])
+    assert "did you mean" not in error_of(["--zzzz", "1"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layer", "3.5"], "--n_layer: expects an integer, got '3.5'"),
+    (["--lr", "fast"], "--lr: expects a number, got 'fast'"),
+    (["--lr", "nan"], "--lr: expects a finite number"),
+    (["--tie_weights", "maybe"], "--tie_weights: expects true or false"),
+    (["--model", "gtp"], "did you mean 'gpt'?"),
+    (["--lr_schedule", "step"], "expects one of cosine, linear, constant"),
+    (["--max_steps"], "flag --max_steps needs a value"),
+    (["gpt"], "unexpected argument 'gpt'"),
+    (["--lr", "1", "--lr", "2"], "flag --lr given twice"),
+])
+def test_wrong_types_are_named(argv, message):
+    assert message in error_of(argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt", "--n_embd", "100", "--n_head", "3"], "--n_embd 100: must be divisible by n_head (3)"),
+    (["--block_size", "1"], "--block_size 1: must be at least 2"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
+    (["--lr", "1e-3", "--min_lr", "1e-2"], "--min_lr 0.01: must be between 0 and lr"),
+    (["--val_fraction", "0"], "--val_fraction 0.0: must be between 0 and 1"),
+    (["--max_steps", "0"], "--max_steps 0: must be at least 1"),
+    (["--tokenizer", "sentencepiece"], "--tokenizer 'sentencepiece': must be one of byte, char, word, bpe"),
+    (["--vocab_size", "100"], "--vocab_size 100: must be at least 260"),
+])
+def test_impossible_values_are_named(argv, message):
+    assert message in error_of(argv)
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": "gpt", "n_embd": 96, "n_head": 3, "lr": 0.001, "tie_weights": "false"}))
+    cfg = parse_args(["--config", str(path), "--lr", "2e-3"])
+    assert (cfg.model, cfg.n_embd, cfg.n_head, cfg.lr, cfg.tie_weights) == ("gpt", 96, 3, 2e-3, False)
+
+
+def test_yaml_errors_name_the_file_and_field(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("modle: gpt\n")
+    assert "unknown field 'modle'; did you mean --model?" in error_of(["--config", str(path)])
+    path.write_text("- a list\n")
+    assert "expected a mapping" in error_of(["--config", str(path)])
+    path.write_text("n_layer: 2.5\n")
+    assert "--n_layer: expects an integer" in error_of(["--config", str(path)])
+    assert "no such file" in error_of(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_args(["--model", "gpt", "--max_steps", "7", "--run_name", "007", "--min_lr", "1e-5"])
+    cfg.save_yaml(str(tmp_path / "config.yaml"))
+    assert set(yaml.safe_load((tmp_path / "config.yaml").read_text())) == set(FIELDS)
+    assert parse_args(["--config", str(tmp_path / "config.yaml")]) == cfg
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as info:
+        load_config(["--model", "gpt", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for name, f in FIELDS.items():
+        assert f"--{name} " in text and f"(default: {f.default})" in text
+
+
+def test_readme_documents_every_field():
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table() in readme, "README's field table is stale: paste `lmdist fields --markdown`"
+
+
+def run_train(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TRAIN), *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_embdd", "64"], "did you mean --n_embd?"),
+    (["--n_layer", "3.5"], "expects an integer"),
+    (["--model", "gpt", "--n_embd", "10", "--n_head", "4"], "must be divisible by n_head"),
+])
+def test_cli_errors_exit_2_without_traceback(argv, message, tmp_path):
+    result = run_train(*argv, "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists(), "nothing is created before the config is valid"
+
+
+def test_cli_help_exits_0():
+    result = run_train("--help")
+    assert result.returncode == 0 and "--n_embd int (default: 128)" in result.stdout and not result.stderr

@@ -1,0 +1,225 @@
+"""Data: sources, tokenizers, packing, sampling, and the errors a user meets."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lmdist import corpus
+from lmdist.config import TrainConfig
+from lmdist.data import (
+    IGNORE_INDEX,
+    EpochPermutation,
+    PackedSequences,
+    TokenStream,
+    eval_loader,
+    load_rows,
+    tokenize,
+    train_loader,
+)
+from lmdist.errors import DataError
+from lmdist.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    VocabTokenizer,
+    build_tokenizer,
+    encode_rows,
+    load_tokenizer,
+)
+from tests.conftest import TINY_GPT, launch
+
+TEXT = ["the cat sat on the mat", "", "the dog sat", "a cat and a dog"]
+
+
+def stream_of(rows: list[list[int]]) -> TokenStream:
+    import datasets
+
+    return TokenStream(datasets.Dataset.from_dict({"ids": rows}))
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+@pytest.mark.parametrize("kind", ["byte", "char", "word", "bpe"])
+def test_tokenizers_round_trip_and_save(kind, tmp_path):
+    tok = build_tokenizer(kind, lambda: iter(TEXT * 50), vocab_size=300, min_freq=1)
+    ids = tok.encode("the cat sat")
+    assert tok.decode(ids) == "the cat sat"
+    assert max(ids) < tok.vocab_size and tok.eos_id is not None and tok.eos_id not in ids
+    tok.save(str(tmp_path))
+    again = load_tokenizer(str(tmp_path))
+    assert again.encode("a dog on the mat") == tok.encode("a dog on the mat") and again.vocab_size == tok.vocab_size
+
+
+def test_word_vocabulary_is_from_training_text_with_unk_and_min_freq():
+    tok = VocabTokenizer.train("word", ["a a a b b c"], min_freq=2)
+    assert tok.symbols == ["<unk>", "<eos>", "a", "b"]  # most frequent first; c is rarer than min_freq
+    assert tok.encode("a c zebra b") == [2, 0, 0, 3]
+    assert encode_rows(tok, ["a b", "b"]) == [[2, 3, 1], [3, 1]]  # <eos> after every row
+
+
+def test_char_and_byte_tokenizers():
+    assert ByteTokenizer().encode("é") == [0xC3, 0xA9] and ByteTokenizer().vocab_size == 257
+    tok = VocabTokenizer.train("char", ["abba"], min_freq=1)
+    assert tok.decode(tok.encode("abz")) == "ab<unk>"
+
+
+def test_tokenizer_folder(tmp_path):
+    trained = HFTokenizer.train_bpe(iter(TEXT * 20), vocab_size=280)
+    trained.tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    tok = build_tokenizer(str(tmp_path), lambda: iter(()), 0, 1)
+    assert tok.kind == "folder" and tok.eos_id == trained.eos_id and tok.encode("the cat") == trained.encode("the cat")
+
+
+# ----------------------------------------------------------------------------- packing and sampling
+
+def test_token_stream_reads_across_chunks_zero_copy():
+    import datasets
+
+    parts = [datasets.Dataset.from_dict({"ids": [[1, 2, 3], [4]]}), datasets.Dataset.from_dict({"ids": [[5, 6], [7]]})]
+    stream = TokenStream(datasets.concatenate_datasets(parts))
+    assert stream.n_tokens == 7 and len(stream.parts) >= 2
+    assert stream.slice(2, 4).tolist() == [3, 4, 5, 6] and stream.slice(5, 10).tolist() == [6, 7]
+
+
+def test_packing_targets_every_token_once():
+    stream = stream_of([list(range(10))])  # 10 tokens: 9 targets
+    full = PackedSequences(stream, block_size=4, keep_partial=False)
+    assert len(full) == 2
+    x, y = full[1]
+    assert x.tolist() == [4, 5, 6, 7] and y.tolist() == [5, 6, 7, 8]
+    padded = PackedSequences(stream, block_size=4, keep_partial=True)
+    assert len(padded) == 3
+    x, y = padded[2]
+    assert x.tolist()[:1] == [8] and y.tolist() == [9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    targets = torch.cat([padded[i][1] for i in range(len(padded))])
+    assert sorted(targets[targets != IGNORE_INDEX].tolist()) == list(range(1, 10))
+    assert (padded[3][1] == IGNORE_INDEX).all()  # past the end: an all-ignored pad sequence
+
+
+def test_shuffle_depends_only_on_seed_and_epoch():
+    a, b = EpochPermutation(100, 96, seed=5), EpochPermutation(100, 96, seed=5)
+    a.set_epoch(3), b.set_epoch(3)
+    assert list(a) == list(b) and len(set(a)) == 96
+    b.set_epoch(4)
+    assert list(a) != list(b)
+
+
+def test_train_loader_drops_the_remainder_and_shards_nothing_itself():
+    seqs = PackedSequences(stream_of([list(range(330))]), block_size=8, keep_partial=False)  # 41 sequences
+    loader = train_loader(seqs, batch_size=2, world_size=2, grad_accum=3, seed=0)
+    batches = list(loader.batch_sampler)
+    # 41 // 4 = 10 global batches, cut to 9 (a multiple of grad_accum): 36 sequences, none twice
+    assert len(batches) == 9 and all(len(b) == 4 for b in batches)
+    assert len({i for b in batches for i in b}) == 36
+
+
+def test_eval_loader_pads_to_whole_batches_and_limits():
+    seqs = PackedSequences(stream_of([list(range(50))]), block_size=4, keep_partial=True)  # 13 sequences
+    batches = list(eval_loader(seqs, batch_size=3, world_size=2).batch_sampler)
+    assert [len(b) for b in batches] == [6, 6, 6]
+    flat = [i for b in batches for i in b]
+    assert flat[:13] == list(range(13)) and flat[13:] == [13] * 5
+    assert len(list(eval_loader(seqs, batch_size=3, world_size=2, max_batches=1).batch_sampler)) == 1
+
+
+# ----------------------------------------------------------------------------- sources
+
+def cfg_for(dataset: str, **kw) -> TrainConfig:
+    return TrainConfig(dataset=dataset, **kw)
+
+
+def write_sources(folder) -> dict:
+    import datasets
+
+    lines = [f"line {i} of the text" for i in range(40)]
+    (folder / "a.txt").write_text("\n".join(lines) + "\n")
+    (folder / "b.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in lines))
+    (folder / "c.csv").write_text("text\n" + "\n".join(lines) + "\n")
+    datasets.Dataset.from_dict({"text": lines}).to_parquet(str(folder / "d.parquet"))
+    datasets.Dataset.from_dict({"text": lines}).save_to_disk(str(folder / "saved"))
+    (folder / "shards").mkdir()
+    for i in range(2):
+        (folder / "shards" / f"part{i}.txt").write_text("\n".join(lines[i * 20:(i + 1) * 20]) + "\n")
+    return {"lines": lines}
+
+
+@pytest.mark.parametrize("spec, extra", [("a.txt", {}), ("b.jsonl", {"text_column": "body"}), ("c.csv", {}),
+                                         ("d.parquet", {}), ("saved", {}), ("shards", {}), ("shards/*.txt", {})])
+def test_local_sources_load_with_a_tail_validation_split(tmp_path, spec, extra):
+    lines = write_sources(tmp_path)["lines"]
+    cfg = cfg_for(str(tmp_path / spec), val_fraction=0.1, cache_dir=str(tmp_path / "c"), **extra)
+    train, val, source = load_rows(cfg)
+    column = extra.get("text_column", "text")
+    assert train[column] == lines[:36] and val[column] == lines[36:]
+    assert source["val_split"] == "last 4 of 40 rows"
+
+
+def test_val_dataset_and_single_document_split(tmp_path):
+    (tmp_path / "one.txt").write_text("x" * 1000 + "\n")
+    train, val, _ = load_rows(cfg_for(str(tmp_path / "one.txt"), val_fraction=0.25, cache_dir=str(tmp_path / "c")))
+    assert len(train[0]["text"]) == 750 and len(val[0]["text"]) == 250
+    (tmp_path / "v.txt").write_text("held out\n")
+    train, val, _ = load_rows(cfg_for(str(tmp_path / "one.txt"), val_dataset=str(tmp_path / "v.txt"),
+                                           cache_dir=str(tmp_path / "c")))
+    assert val["text"] == ["held out"] and len(train[0]["text"]) == 1000
+
+
+@pytest.mark.parametrize("make, spec, message", [
+    (lambda d: None, "missing.txt", "does not exist"),
+    (lambda d: (d / "empty.txt").write_text(""), "empty.txt", "is empty"),
+    (lambda d: (d / "notes.md").write_text("hi"), "notes.md", "is not a data file of a known type"),
+    (lambda d: (d / "e").mkdir(), "e", "holds no a data file"),
+])
+def test_bad_local_sources(tmp_path, make, spec, message):
+    from lmdist.data import check_source
+
+    make(tmp_path)
+    with pytest.raises(DataError, match=message):
+        check_source(str(tmp_path / spec))
+        load_rows(cfg_for(str(tmp_path / spec)))
+
+
+def test_missing_column_and_unreachable_hub(tmp_path):
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x y"}) + "\n" + json.dumps({"body": "z"}) + "\n")
+    with pytest.raises(DataError, match=r"has no column 'text'.*set --text_column"):
+        load_rows(cfg_for(str(tmp_path / "b.jsonl"), cache_dir=str(tmp_path / "c")))
+    with pytest.raises(DataError, match="could not load the hub dataset 'nobody-has/this-dataset-xyz'"):
+        load_rows(cfg_for("nobody-has/this-dataset-xyz", cache_dir=str(tmp_path / "c")))
+
+
+def test_builtin_corpus_is_fixed_and_fingerprinted():
+    docs = corpus.builtin_documents()
+    assert len(docs) == len(corpus.MODULES) and sum(map(len, docs)) > 1_000_000
+    assert corpus.fingerprint(docs) == corpus.fingerprint(corpus.builtin_documents())
+    assert corpus.fingerprint(docs) != corpus.fingerprint(docs[1:])
+
+
+def test_tokenized_rows_skip_blank_lines_and_end_with_eos():
+    import datasets
+
+    tok = VocabTokenizer.train("word", TEXT, 1)
+    ids = tokenize(datasets.Dataset.from_dict({"text": TEXT}), tok, "text")["ids"]
+    assert len(ids) == 3 and all(row[-1] == tok.eos_id for row in ids)
+    assert ids[0][:-1] == tok.encode(TEXT[0])
+    assert np.asarray(ids[0]).dtype.kind in "iu"
+
+
+# ----------------------------------------------------------------------------- errors reach the user
+
+@pytest.mark.launch
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_data_errors_exit_2_on_every_rank(tmp_path, nproc):
+    """A missing path and a corpus too small for one batch: a clear message from every rank, no hang."""
+    launcher = "torchrun" if nproc == 2 else "python"
+    missing = launch([*TINY_GPT, "--dataset", str(tmp_path / "nope.txt"), "--output_dir", str(tmp_path / "a")],
+                     cwd=tmp_path, nproc=nproc, launcher=launcher, timeout=120)
+    (tmp_path / "small.txt").write_text("abcdefghij" * 10 + "\n")
+    small = launch([*TINY_GPT, "--dataset", str(tmp_path / "small.txt"), "--output_dir", str(tmp_path / "b")],
+                   cwd=tmp_path, nproc=nproc, launcher=launcher, timeout=120)
+    for result, message in ((missing, "does not exist"), (small, "fewer than one optimizer step needs")):
+        assert result.returncode == (2 if nproc == 1 else 1)  # launchers squash worker statuses to 1
+        assert result.stderr.count(message) == nproc, result.stderr[-3000:]
+        assert "lmdist/data.py" not in result.stderr and "lmdist/schedule.py" not in result.stderr

@@ -1,0 +1,66 @@
+"""Metric definitions on hand-computed cases, and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmdist.config import TrainConfig
+from lmdist.data import IGNORE_INDEX
+from lmdist.errors import DataError
+from lmdist.metrics import TokenMeter
+from lmdist.schedule import Plan, lr_at
+
+
+class OneProcess:
+    """The part of an Accelerator that TokenMeter uses, for a single process."""
+
+    device = torch.device("cpu")
+
+    @staticmethod
+    def reduce(tensor, reduction="sum"):
+        return tensor
+
+
+def test_loss_ppl_acc_by_hand():
+    # Two positions over a 2-symbol vocabulary, one ignored position.
+    logits = torch.log(torch.tensor([[[0.75, 0.25], [0.4, 0.6], [0.5, 0.5]]]))
+    targets = torch.tensor([[0, 0, IGNORE_INDEX]])
+    meter = TokenMeter(torch.device("cpu"))
+    meter.update(logits, targets)
+    got = meter.compute(OneProcess, "val")
+    loss = -(math.log(0.75) + math.log(0.4)) / 2
+    assert got["val/loss"] == pytest.approx(loss)
+    assert got["val/ppl"] == pytest.approx(math.exp(loss)) == pytest.approx(1 / math.sqrt(0.75 * 0.4))
+    assert got["val/acc"] == 0.5  # first right, second wrong, third not counted
+    assert meter.compute(OneProcess, "val") == {}, "compute() resets the sums"
+
+
+def test_meter_is_token_weighted_across_updates():
+    meter = TokenMeter(torch.device("cpu"))
+    logits = torch.zeros(1, 4, 3)  # uniform: loss ln 3 per token
+    meter.update(logits, torch.tensor([[0, 1, 2, 0]]), loss_sum=torch.tensor(4 * math.log(3)))
+    meter.update(torch.zeros(1, 4, 3), torch.tensor([[0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]),
+                 loss_sum=torch.tensor(3.0))
+    assert meter.compute(OneProcess, "train")["train/loss"] == pytest.approx((4 * math.log(3) + 3.0) / 5)
+
+
+def test_schedule_warmup_then_decay_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, lr_schedule="cosine")
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55) and lr_at(110, cfg, 110) == pytest.approx(0.1)
+    linear = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, lr_schedule="linear")
+    assert lr_at(25, linear, 100) == pytest.approx(0.75)
+    assert lr_at(99, TrainConfig(lr=0.5, warmup_steps=0, lr_schedule="constant"), 100) == 0.5
+    assert TrainConfig(lr=0.3).effective_min_lr == pytest.approx(0.03)
+
+
+def test_plan_counts_whole_optimizer_steps():
+    cfg = TrainConfig(batch_size=4, grad_accum=2, block_size=16, epochs=3, max_steps=None)
+    plan = Plan.make(cfg, 100, world_size=2)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.tokens_per_step, plan.sequences_dropped) == (6, 18, 256, 4)
+    assert Plan.make(TrainConfig(batch_size=4, epochs=3, max_steps=5), 100, 2).total_steps == 5
+    assert plan.epoch_of(9) == 1.5
+    with pytest.raises(DataError, match="fewer than one optimizer step needs"):
+        Plan.make(TrainConfig(batch_size=64), 100, world_size=2)
