@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         model, optimizer, train_loader, val_loader, scheduler)
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 
-    facts = tracking.run_facts(accelerator, cfg, engine.threads_per_process(cfg))
+    facts = tracking.run_facts(accelerator)
     facts.update(parameters=n_params, vocab_size=corpus.tokenizer.vocab_size, data_fingerprint=corpus.fingerprint,
                  data_source=corpus.source, train_tokens=corpus.train.n_tokens, val_tokens=corpus.val.n_tokens,
                  steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)

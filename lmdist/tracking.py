@@ -147,7 +147,7 @@ def _run_name(cfg: TrainConfig) -> str:
 
 # ----------------------------------------------------------------------------- run records
 
-def run_facts(accelerator, cfg: TrainConfig, threads: int) -> dict:
+def run_facts(accelerator) -> dict:
     """The facts of this launch for run.json and W&B (not settings: those are in config.yaml)."""
     import accelerate
     import datasets
@@ -163,7 +163,7 @@ def run_facts(accelerator, cfg: TrainConfig, threads: int) -> dict:
         "device": str(accelerator.device),
         "device_name": (torch.cuda.get_device_name() if accelerator.device.type == "cuda"
                         else platform.processor() or platform.machine()),
-        "threads": threads,
+        "threads": torch.get_num_threads(),  # as applied, whatever asked for it
         "launcher": _launcher(),
         "hostname": platform.node(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

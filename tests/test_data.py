@@ -223,3 +223,15 @@ def test_data_errors_exit_2_on_every_rank(tmp_path, nproc):
         assert result.returncode == (2 if nproc == 1 else 1)  # launchers squash worker statuses to 1
         assert result.stderr.count(message) == nproc, result.stderr[-3000:]
         assert "lmdist/data.py" not in result.stderr and "lmdist/schedule.py" not in result.stderr
+
+
+def test_file_datasets_are_tokenized_into_memory_mapped_arrow(tmp_path):
+    """A corpus larger than RAM must work: the token stream reads the Arrow cache file in place."""
+    import datasets
+
+    (tmp_path / "a.txt").write_text("hello world\n" * 500)
+    rows = load_rows(cfg_for(str(tmp_path / "a.txt"), cache_dir=str(tmp_path / "c")))[0]
+    tokenized = tokenize(rows, ByteTokenizer(), "text")
+    assert tokenized.cache_files and isinstance(tokenized.data, datasets.table.MemoryMappedTable)
+    stream = TokenStream(tokenized)
+    assert stream.n_tokens == 475 * 12 and not any(part.flags.owndata for part in stream.parts)

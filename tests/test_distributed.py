@@ -1,6 +1,7 @@
 """One model, whatever the launch: world sizes, accumulation and launchers all train the same weights."""
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -71,6 +72,8 @@ def test_plan_line_and_run_facts(equivalence_runs):
     assert facts["mixed_precision"] == "no" and facts["device"].startswith("cpu")
     assert {"torch", "accelerate", "datasets", "wandb"} <= set(facts["versions"])
     assert read_run(equivalence_runs["accelerate_b2x2"])["launcher"] == "accelerate"
+    # One process gets every core this machine lets it use (the launchers' OMP_NUM_THREADS=1 does not win).
+    assert read_run(equivalence_runs["one_b8"])["threads"] == len(os.sched_getaffinity(0))
 
 
 def test_evaluation_counts_every_token_once_whatever_the_world_size(markov_files, tmp_path):
@@ -141,3 +144,12 @@ def test_single_process_accelerate_launch_warns(markov_files, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerate started ONE process although --num_processes > 1 was asked for" in result.stderr
     assert read_run(tmp_path / "o")["world_size"] == 1
+
+
+def test_threads_field_and_fp16_on_cpu(markov_files, tmp_path):
+    args = [*TINY_GPT, "--dataset", str(markov_files["short"]), "--batch_size", "4", "--max_steps", "1"]
+    run_ok([*args, "--threads", "1", "--output_dir", str(tmp_path / "t")], cwd=tmp_path)
+    assert read_run(tmp_path / "t")["threads"] == 1
+    fp16 = launch([*args, "--output_dir", str(tmp_path / "f")], cwd=tmp_path,
+                  env={"ACCELERATE_MIXED_PRECISION": "fp16"})
+    assert fp16.returncode == 2 and "fp16 mixed precision needs a GPU" in fp16.stderr

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("wandb")
 
 # tests/ is on sys.path under pytest's default "prepend" import mode
-import wandb_file
+from tests import wandb_file
 
 BIG = "x" * 100_000  # config value spanning several 32 KiB blocks
 N_STEPS = 40
