@@ -43,20 +43,9 @@ def main(argv: list[str]) -> None:
         model, optimizer, train_loader, val_loader, scheduler)
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 
-    facts = tracking.run_facts(accelerator)
-    facts.update(parameters=n_params, vocab_size=corpus.tokenizer.vocab_size, data_fingerprint=corpus.fingerprint,
-                 data_source=corpus.source, train_tokens=corpus.train.n_tokens, val_tokens=corpus.val.n_tokens,
-                 steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)
-    log = tracking.RunLog(accelerator, cfg, facts, plan.total_steps)
-    log.print(f"plan: world size {plan.world_size} ({facts['distributed_type']}), mixed precision "
-              f"{accelerator.mixed_precision}, {facts['threads']} threads/process, "
-              f"{plan.tokens_per_step:,} tokens/step "
-              f"(global), {plan.steps_per_epoch} steps/epoch, {plan.total_steps} total steps, {n_params:,} parameters")
-    log.print(f"data: {corpus.source}, tokenizer {corpus.tokenizer.kind} (vocab {corpus.tokenizer.vocab_size}), "
-              f"{corpus.train.n_tokens:,} train / {corpus.val.n_tokens:,} val tokens, fingerprint {corpus.fingerprint}")
-    if plan.sequences_dropped:
-        log.print(f"dropping {plan.sequences_dropped} of {len(train_set)} training sequences each epoch "
-                  "(too few to fill one more optimizer step on every rank)")
+    # Rank zero writes config.yaml and run.json, starts W&B and prints the plan.
+    log = tracking.RunLog(accelerator, cfg, tracking.run_facts(accelerator, plan, corpus, n_params))
+    log.print_plan(plan, corpus, n_params)
 
     step = micro_step = 0
     train_meter, throughput = TokenMeter(accelerator.device), Throughput(plan.tokens_per_step)
@@ -78,7 +67,7 @@ def main(argv: list[str]) -> None:
                 continue  # still accumulating: no optimizer step yet
             step += 1
             throughput.step()
-            log.console.advance()
+            log.advance()
             last = step == plan.total_steps
 
             row = {}

@@ -43,6 +43,12 @@ class Corpus:
     fingerprint: str
     source: dict
 
+    def describe(self) -> str:
+        """One line for the console: where the text came from, the tokenizer, the sizes, the fingerprint."""
+        source = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in self.source.items())
+        return (f"{source}; tokenizer {self.tokenizer.kind} (vocab {self.tokenizer.vocab_size}); "
+                f"{self.train.n_tokens:,} train / {self.val.n_tokens:,} val tokens; fingerprint {self.fingerprint}")
+
 
 def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool) -> Corpus:
     """Load, split and tokenize the data; the main process builds caches first, the others reuse them."""

@@ -17,6 +17,7 @@ from lmdist.errors import DataError
 @dataclass(frozen=True)
 class Plan:
     world_size: int
+    sequences: int  # training sequences per epoch
     steps_per_epoch: int
     total_steps: int
     tokens_per_step: int  # global: every rank's targets in one optimizer step
@@ -33,8 +34,8 @@ class Plan:
                 f"{cfg.grad_accum} = {per_step}): use more text or a smaller batch_size, grad_accum or block_size"
             )
         total = steps_per_epoch * cfg.epochs
-        return cls(world_size, steps_per_epoch, min(total, cfg.max_steps or total), per_step * cfg.block_size,
-                   n_sequences - steps_per_epoch * per_step)
+        return cls(world_size, n_sequences, steps_per_epoch, min(total, cfg.max_steps or total),
+                   per_step * cfg.block_size, n_sequences - steps_per_epoch * per_step)
 
     def epoch_of(self, step: int) -> float:
         """Fractional epochs completed after `step` optimizer steps."""

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
 
 from lmdist.config import TrainConfig
+from lmdist.data import Corpus
+from lmdist.schedule import Plan
 
 
 class JsonlTracker(GeneralTracker):
@@ -147,7 +149,7 @@ def _run_name(cfg: TrainConfig) -> str:
 
 # ----------------------------------------------------------------------------- run records
 
-def run_facts(accelerator) -> dict:
+def run_facts(accelerator, plan: Plan, corpus: Corpus, parameters: int) -> dict:
     """The facts of this launch for run.json and W&B (not settings: those are in config.yaml)."""
     import accelerate
     import datasets
@@ -173,6 +175,14 @@ def run_facts(accelerator) -> dict:
                      "accelerate": accelerate.__version__, "datasets": datasets.__version__,
                      "wandb": wandb.__version__, "lmdist": lmdist.__version__},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "parameters": parameters,
+        "vocab_size": corpus.tokenizer.vocab_size,
+        "data_fingerprint": corpus.fingerprint,
+        "data_source": corpus.source,
+        "train_tokens": corpus.train.n_tokens,
+        "val_tokens": corpus.val.n_tokens,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": plan.total_steps,
     }
 
 
@@ -259,9 +269,9 @@ def format_row(row: dict) -> str:
 class RunLog:
     """Rank zero's record of one run: config.yaml, run.json, every tracker and the console."""
 
-    def __init__(self, accelerator, cfg: TrainConfig, facts: dict, total_steps: int):
+    def __init__(self, accelerator, cfg: TrainConfig, facts: dict):
         self.accelerator, self.cfg, self.facts = accelerator, cfg, facts
-        self.console = Console(accelerator, total_steps)
+        self.console = Console(accelerator, facts["total_steps"])
         self.run_json = os.path.join(cfg.output_dir, "run.json")
         if accelerator.is_main_process:
             cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
@@ -276,6 +286,21 @@ class RunLog:
 
     def print(self, message: str) -> None:
         self.console.print(message)
+
+    def print_plan(self, plan: Plan, corpus: Corpus, parameters: int) -> None:
+        """The plan line (what this launch is about to do), the data line, and any dropped remainder."""
+        f = self.facts
+        self.print(f"plan: world size {plan.world_size} ({f['distributed_type']}), mixed precision "
+                   f"{f['mixed_precision']}, {f['threads']} threads/process, {plan.tokens_per_step:,} tokens/step "
+                   f"(global), {plan.steps_per_epoch} steps/epoch, {plan.total_steps} total steps, "
+                   f"{parameters:,} parameters")
+        self.print(f"data: {corpus.describe()}")
+        if plan.sequences_dropped:
+            self.print(f"dropping {plan.sequences_dropped} of {plan.sequences} training sequences each epoch "
+                       "(too few to fill one more optimizer step on every rank)")
+
+    def advance(self) -> None:
+        self.console.advance()
 
     def log(self, row: dict) -> None:
         self.accelerator.log(row, step=row["step"])
