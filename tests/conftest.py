@@ -103,7 +103,7 @@ def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("equivalence")
     data = ["--dataset", str(markov_files["short"]), "--val_dataset", str(markov_files["short_val"]),
             "--epochs", "2", "--eval_every", "5", "--warmup_steps", "3"]
-    runs = {
+    runs = {  # one_b8 gets OMP_NUM_THREADS=1 as launchers set it: lmdist must still use every core
         "one_b8": (1, "python", ["--batch_size", "8"]),
         "torchrun_b4": (2, "torchrun", ["--batch_size", "4", "--wandb_mode", "offline"]),
         "accum_b4x2": (1, "python", ["--batch_size", "4", "--grad_accum", "2"]),
@@ -113,7 +113,8 @@ def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, (nproc, launcher, extra) in runs.items():
         out[name] = root / name
+        env = {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1" if name == "one_b8" else None}
         result = run_ok([*TINY_GPT, *data, *extra, "--output_dir", str(out[name])], cwd=root, nproc=nproc,
-                        launcher=launcher, env={"WANDB_MODE": "offline"})
+                        launcher=launcher, env=env)
         (out[name] / "stdout.log").write_text(result.stdout)
     return out
