@@ -1,6 +1,7 @@
 """The config: defaults < YAML < flags, strict coercion, validation with named fields, and the CLI's exits."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -131,3 +132,12 @@ def test_cli_errors_exit_2_without_traceback(argv, message, tmp_path):
 def test_cli_help_exits_0():
     result = run_train("--help")
     assert result.returncode == 0 and "--n_embd int (default: 128)" in result.stdout and not result.stderr
+
+
+def test_lmdist_console_script():
+    fields = subprocess.run(["lmdist", "fields", "--markdown"], capture_output=True, text=True, timeout=60)
+    assert fields.returncode == 0 and fields.stdout.strip() == markdown_table()
+    env = subprocess.run(["lmdist", "env"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "WORLD_SIZE": "4", "ACCELERATE_USE_CPU": "1"})
+    assert env.returncode == 0
+    assert "accelerator_available: false" in env.stdout and '"WORLD_SIZE": "4"' in env.stdout

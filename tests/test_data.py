@@ -157,6 +157,16 @@ def test_local_sources_load_with_a_tail_validation_split(tmp_path, spec, extra):
     assert source["val_split"] == "last 4 of 40 rows"
 
 
+def test_a_saved_validation_split_is_used(tmp_path):
+    import datasets
+
+    splits = {"train": ["a b c"] * 5, "validation": ["held out"]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
+        str(tmp_path / "saved"))
+    train, val, source = load_rows(cfg_for(str(tmp_path / "saved")))
+    assert train["text"] == splits["train"] and val["text"] == ["held out"] and source["val_split"] == "validation"
+
+
 def test_val_dataset_and_single_document_split(tmp_path):
     (tmp_path / "one.txt").write_text("x" * 1000 + "\n")
     train, val, _ = load_rows(cfg_for(str(tmp_path / "one.txt"), val_fraction=0.25, cache_dir=str(tmp_path / "c")))

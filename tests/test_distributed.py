@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -153,3 +154,34 @@ def test_threads_field_and_fp16_on_cpu(markov_files, tmp_path):
     fp16 = launch([*args, "--output_dir", str(tmp_path / "f")], cwd=tmp_path,
                   env={"ACCELERATE_MIXED_PRECISION": "fp16"})
     assert fp16.returncode == 2 and "fp16 mixed precision needs a GPU" in fp16.stderr
+
+
+def test_console_is_a_progress_bar_on_a_terminal_and_plain_lines_otherwise(equivalence_runs, markov_files, tmp_path):
+    plain = (equivalence_runs["torchrun_b4"] / "stdout.log").read_text()
+    assert "\r" not in plain and "step 16/16 | epoch 2 | train/loss" in plain
+    # Under a pseudo-terminal: a tqdm bar (carriage returns) on rank zero.
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    main, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal has a width
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY_GPT, "--dataset", str(markov_files["short"]),
+           "--batch_size", "4", "--max_steps", "3", "--wandb_mode", "disabled", "--output_dir", str(tmp_path / "o")]
+    process = subprocess.Popen(cmd, stdin=secondary, stdout=secondary, stderr=secondary, cwd=tmp_path)
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=120) == 0
+    text = output.decode(errors="replace")
+    assert re.search(r"\| 3/3 \[[0-9:<]+, +[0-9.]+(step/s|s/step)", text), text[-2000:]  # tqdm's bar
+    assert not re.search(r"\| 3/3 \[", plain)
