@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -275,7 +276,9 @@ class EpochPermutation(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator)[: self.num_samples].tolist())
+        permutation = torch.randperm(self.n, generator=generator)[: self.num_samples]
+        for chunk in permutation.split(1 << 16):  # never a Python list of every index
+            yield from chunk.tolist()
 
     def __len__(self) -> int:
         return self.num_samples
@@ -289,7 +292,9 @@ class PaddedRange(Sampler[int]):
         self.total = min(self.padded, limit) if limit else self.padded
 
     def __iter__(self) -> Iterator[int]:
-        return iter((list(range(self.n)) + [self.n] * (self.padded - self.n))[: self.total])
+        real = min(self.n, self.total)
+        yield from range(real)
+        yield from itertools.repeat(self.n, self.total - real)
 
     def __len__(self) -> int:
         return self.total

@@ -52,6 +52,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             logged["eval"] = {"acc": row["eval/acc"]}  # nested dict -> nested_key ["eval", "acc"]
             run.log(logged, step=step)
         run.finish()
+        wandb.teardown()  # wait for the W&B service to exit: only then is the .wandb file complete
     return tmp_path
 
 
