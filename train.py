@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 2 train.py ...        python train.py ...
 
 Each batch goes forward, through the loss, backward and (every `grad_accum` batches) into an optimizer
-step. Everything distributed -- processes, devices, precision, gathering metrics -- sits behind the
-`lmdist` calls. Two counters: `micro_step` counts batches, `step` counts optimizer updates.
+step. Everything distributed -- processes, devices, precision, gathering metrics, checkpoints, stop
+requests -- sits behind the `lmdist` calls. Two counters: `micro_step` counts batches, `step` counts
+optimizer updates. Relaunching the same command after an interruption continues where it stopped.
 """
 import math
 import os
@@ -13,22 +14,31 @@ import sys
 
 import torch.nn.functional as F
 
-from lmdist import config, data, engine, export, tracking
+from lmdist import checkpoint, config, data, engine, export, tracking
 from lmdist.errors import run_cli
 from lmdist.metrics import Throughput, TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
 from lmdist.schedule import Plan, build_scheduler, lr_at
+from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_job
 
 
 def main(argv: list[str]) -> None:
     cfg = config.load_config(argv)  # a bad flag stops here, before any process group or data work
+    if cfg.resume == "auto" and checkpoint.finished(cfg.output_dir):
+        print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do", flush=True)
+        return
     os.makedirs(cfg.output_dir, exist_ok=True)
-    accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg, tracking.new_run_id()))
+    accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
+    resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
+    if resume:
+        checkpoint.check_compatible(resume, cfg)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
     # Data: the main process tokenizes first, the others reuse its cache.
     corpus = data.load_corpus(cfg, lambda build: engine.main_process_first(accelerator, build),
-                              accelerator.is_main_process)
+                              accelerator.is_main_process, reuse_tokenizer=resume is not None)
+    if resume:
+        checkpoint.check_compatible(resume, cfg, corpus.fingerprint)
     train_set = data.PackedSequences(corpus.train, cfg.block_size, keep_partial=False)
     val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
     plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
@@ -36,6 +46,8 @@ def main(argv: list[str]) -> None:
     val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator.num_processes, cfg.eval_batches)
 
     model = build_model(cfg, corpus.tokenizer.vocab_size)
+    if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
+        checkpoint.load_weights(model, os.path.join(cfg.init_from, "model.safetensors"))
     n_params = count_parameters(model)
     optimizer = engine.build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
@@ -43,51 +55,90 @@ def main(argv: list[str]) -> None:
         model, optimizer, train_loader, val_loader, scheduler)
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 
-    # Rank zero writes config.yaml and run.json, starts W&B and prints the plan.
-    log = tracking.RunLog(accelerator, cfg, tracking.run_facts(accelerator, plan, corpus, n_params))
-    log.print_plan(plan, corpus, n_params)
-
-    step = micro_step = 0
     train_meter, throughput = TokenMeter(accelerator.device), Throughput(plan.tokens_per_step)
-    for epoch in range(cfg.epochs):
-        train_loader.set_epoch(epoch)  # a fresh, seeded shuffle each epoch
-        for inputs, targets in train_loader:
-            with accelerator.accumulate(model):
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            train_meter.update(logits.detach(), targets, loss.detach() * targets.numel())
-            micro_step += 1
-            if not accelerator.sync_gradients:
-                continue  # still accumulating: no optimizer step yet
-            step += 1
-            throughput.step()
-            log.advance()
-            last = step == plan.total_steps
+    progress, run_id = checkpoint.Progress(), tracking.new_run_id()
+    if resume:  # model, optimizer, scheduler, RNG and the unlogged metric sums, exactly as saved
+        train_meter.sums = checkpoint.load(accelerator, resume, model=model, optimizer=optimizer,
+                                           scheduler=scheduler)["meter"].to(accelerator.device)
+        progress, run_id = resume.progress, resume.run_id
+    guard = StopGuard(accelerator, use_scaler=accelerator.scaler is not None)
 
-            row = {}
-            if step % cfg.log_every == 0 or last:
-                row.update(train_meter.compute(accelerator, "train"), lr=lr_at(step - 1, cfg, plan.total_steps),
-                           grad_norm=grad_norm.item(), tokens_per_sec=throughput.rate())
-            if step % cfg.eval_every == 0 or step % plan.steps_per_epoch == 0 or last:
-                with throughput.paused():
-                    row.update(evaluate(model, val_loader, accelerator))
-            if row:
-                log.log({"step": step, "micro_step": micro_step, "epoch": plan.epoch_of(step), **row,
-                         "tokens_seen": step * plan.tokens_per_step})
-            if last:
+    def save_checkpoint() -> str:
+        path = checkpoint.step_dir(cfg.output_dir, progress.step)
+        seconds = checkpoint.save(accelerator, path, cfg, model=model, optimizer=optimizer, scheduler=scheduler,
+                                  progress=progress.normalized(plan.steps_per_epoch * cfg.grad_accum),
+                                  rank_state={"meter": train_meter.sums}, run_id=run_id,
+                                  data_fingerprint=corpus.fingerprint)
+        log.print(f"checkpoint: {path} ({seconds:.1f} s)")
+        return path
+
+    with tracking.RunLog(accelerator, cfg, tracking.run_facts(accelerator, plan, corpus, n_params), run_id,
+                         resumed=progress if resume else None) as log:
+        log.print_plan(plan, corpus, n_params)
+        if resume:
+            log.print(f"resumed from {resume.path}: step {progress.step}, epoch {progress.epoch}, "
+                      f"batch {progress.batches_in_epoch} of that epoch")
+        row = {}
+        for epoch in range(progress.epoch, cfg.epochs):
+            # A fresh, seeded shuffle each epoch; a resumed epoch skips the batches it already trained on.
+            skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+            data.start_epoch(train_loader, epoch, skip)
+            progress.epoch, progress.batches_in_epoch = epoch, skip
+            for inputs, targets in train_loader:
+                with accelerator.accumulate(model):
+                    logits = model(inputs)
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                    accelerator.backward(loss)
+                    guard.watch(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                        verdict = guard.check(grad_norm)  # every rank's signals and NaNs: the one sync per step
+                        if verdict.nonfinite:
+                            raise nonfinite_error(progress.step + 1, loss.item(), grad_norm.item())
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                train_meter.update(logits.detach(), targets, loss.detach() * targets.numel())
+                progress.micro_step += 1
+                progress.batches_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue  # still accumulating: no optimizer step yet
+                guard.after_step(optimizer)
+                progress.step += 1
+                progress.tokens_seen = progress.step * plan.tokens_per_step
+                throughput.step()
+                log.advance()
+                last = progress.step == plan.total_steps
+
+                row = {}
+                if progress.step % cfg.log_every == 0 or last:
+                    row.update(train_meter.compute(accelerator, "train"), grad_norm=grad_norm.item(),
+                               lr=lr_at(progress.step - 1, cfg, plan.total_steps), tokens_per_sec=throughput.rate())
+                if progress.step % cfg.eval_every == 0 or progress.step % plan.steps_per_epoch == 0 or last:
+                    with throughput.paused():
+                        row.update(evaluate(model, val_loader, accelerator))
+                    progress.note_val_loss(row["val/loss"])
+                if row:
+                    log.log({"step": progress.step, "micro_step": progress.micro_step,
+                             "epoch": plan.epoch_of(progress.step), **row, "tokens_seen": progress.tokens_seen})
+                if progress.step % cfg.save_every == 0 or last or verdict.stop_signal:
+                    with throughput.paused():
+                        saved = save_checkpoint()
+                if verdict.stop_signal:
+                    log.finish({"status": "stopped", "exit_code": Stopped.exit_code, "step": progress.step,
+                                "stop_signal": verdict.stop_signal, "checkpoint": saved})
+                    requeued = requeue_slurm_job() if verdict.requeue and accelerator.is_main_process else None
+                    raise Stopped(f"{verdict.stop_signal} at step {progress.step}: saved {saved}"
+                                  f"{f'; requeued Slurm job {requeued}' if requeued else ''}; relaunch the same "
+                                  "command to continue")
+                if last:
+                    break
+            if progress.step == plan.total_steps:
                 break
-        if step == plan.total_steps:
-            break
 
-    final_dir = export.save_final(accelerator, model, cfg, corpus.tokenizer.vocab_size)
-    log.print(f"final weights: {final_dir}")
-    log.finish({"status": "completed", "step": step, "micro_step": micro_step, "final": row})
+        final_dir = export.save_final(accelerator, model, cfg, corpus.tokenizer.vocab_size)
+        log.print(f"final weights: {final_dir}")
+        log.finish({"status": "completed", "step": progress.step, "micro_step": progress.micro_step, "final": row})
 
 
 if __name__ == "__main__":

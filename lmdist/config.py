@@ -75,6 +75,12 @@ class TrainConfig:
     wandb_project: str = _f("lmdist", "W&B project", "logging")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = _f("auto", "`auto` (online when W&B credentials are configured, else offline), `online`, `offline` or `disabled`", "logging")
     wandb_init_timeout: float = _f(30.0, "seconds to wait for W&B to start online before falling back to offline logging", "logging")
+    # checkpoints
+    save_every: int = _f(200, "save a checkpoint every this many optimizer steps (and at the last step)", "checkpoints")
+    keep_last: int = _f(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)", "checkpoints")
+    keep_best: bool = _f(False, "also keep the checkpoint with the lowest val/loss", "checkpoints")
+    resume: str = _f("auto", "`auto` (the newest complete checkpoint in output_dir, if any), `never` (refuse a used output_dir), or a checkpoint folder", "checkpoints")
+    init_from: str | None = _f(None, "start a new run from these weights only (a checkpoint or a final/ export): no optimizer, counters or run id", "checkpoints")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -278,10 +284,23 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.grad_clip >= 0, "grad_clip", "must be non-negative (0 turns clipping off)")
     need(cfg.eval_batches >= 0, "eval_batches", "must be non-negative (0 = the whole validation set)")
     need(cfg.wandb_init_timeout > 0, "wandb_init_timeout", "must be positive")
+    need(cfg.save_every >= 1, "save_every", "must be at least 1")
+    need(cfg.keep_last >= 1, "keep_last", "must be at least 1 (the newest complete checkpoint is always kept)")
+    need(cfg.resume in ("auto", "never") or os.path.isdir(cfg.resume), "resume",
+         "must be auto, never or an existing checkpoint folder")
+    need(cfg.init_from is None or os.path.isfile(os.path.join(cfg.init_from, "model.safetensors")), "init_from",
+         "must be a checkpoint or final/ folder holding model.safetensors")
+    need(cfg.init_from is None or cfg.resume != "auto" or not _holds_checkpoints(cfg.output_dir), "init_from",
+         f"cannot start a new run in {cfg.output_dir}, which already holds checkpoints: choose another output_dir")
     need(bool(cfg.text_column), "text_column", "must name a column")
     need(bool(cfg.output_dir), "output_dir", "must name a folder")
     need(cfg.tokenizer in TOKENIZER_NAMES or os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")), "tokenizer",
          f"must be one of {', '.join(TOKENIZER_NAMES)} or a folder holding a HuggingFace tokenizer.json")
+
+
+def _holds_checkpoints(output_dir: str) -> bool:
+    folder = os.path.join(output_dir, "checkpoints")
+    return os.path.isdir(folder) and any(name.startswith("step_") for name in os.listdir(folder))
 
 
 # ----------------------------------------------------------------------------- help

@@ -51,8 +51,12 @@ class Corpus:
                 f"{self.train.n_tokens:,} train / {self.val.n_tokens:,} val tokens; fingerprint {self.fingerprint}")
 
 
-def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool) -> Corpus:
-    """Load, split and tokenize the data; the main process builds caches first, the others reuse them."""
+def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool,
+                reuse_tokenizer: bool = False) -> Corpus:
+    """Load, split and tokenize the data; the main process builds caches first, the others reuse them.
+
+    With `reuse_tokenizer` (a resumed run) every rank loads the tokenizer saved in output_dir.
+    """
     import datasets
 
     for spec in filter(None, (cfg.dataset, cfg.val_dataset)):
@@ -63,7 +67,7 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
     def build() -> Corpus:
         train_rows, val_rows, source = load_rows(cfg)
         tokenizer_dir = os.path.join(cfg.output_dir, "tokenizer")
-        if not is_main and os.path.exists(os.path.join(tokenizer_dir, "lmdist_tokenizer.json")):
+        if (reuse_tokenizer or not is_main) and os.path.exists(os.path.join(tokenizer_dir, "lmdist_tokenizer.json")):
             tokenizer = load_tokenizer(tokenizer_dir)  # the one the main process just trained and saved
         else:
             tokenizer = build_tokenizer(cfg.tokenizer, lambda: _texts(train_rows, cfg.text_column),
@@ -266,22 +270,41 @@ class EpochPermutation(Sampler[int]):
 
     The permutation depends only on the seed and the epoch -- not on the world size or on how many
     epochs ran in this process -- so any rank, any launch and any resume draws the same order.
+    `resume_at(epoch, batches)` leaves out the first global batches of that one epoch (those a resumed
+    run already trained on).
     """
 
-    def __init__(self, n: int, num_samples: int, seed: int):
-        self.n, self.num_samples, self.seed, self.epoch = n, num_samples, seed, 0
+    def __init__(self, n: int, num_samples: int, seed: int, global_batch: int):
+        self.n, self.num_samples, self.seed, self.global_batch = n, num_samples, seed, global_batch
+        self.epoch, self.skip_epoch, self.skip_batches = 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = epoch  # Accelerate calls this again at every __iter__: keep it free of other effects
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        self.skip_epoch, self.skip_batches = epoch, batches
+
+    @property
+    def skip(self) -> int:
+        return self.skip_batches * self.global_batch if self.epoch == self.skip_epoch else 0
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        permutation = torch.randperm(self.n, generator=generator)[: self.num_samples]
+        permutation = torch.randperm(self.n, generator=generator)[self.skip: self.num_samples]
         for chunk in permutation.split(1 << 16):  # never a Python list of every index
             yield from chunk.tolist()
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.skip
+
+
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Begin `epoch`'s shuffle on a (prepared) training loader, leaving out its first `skip_batches` global batches."""
+    loader.set_epoch(epoch)
+    sampler = loader
+    while not isinstance(sampler, EpochPermutation):  # through Accelerate's wrappers to ours
+        sampler = getattr(sampler, "batch_sampler", None) or sampler.sampler
+    sampler.resume_at(epoch, skip_batches)
 
 
 class PaddedRange(Sampler[int]):
@@ -305,9 +328,9 @@ def train_loader(sequences: PackedSequences, batch_size: int, world_size: int, g
     """Shuffled global batches; each epoch's remainder that cannot fill an optimizer step is dropped."""
     global_batch = batch_size * world_size
     micro_batches = len(sequences) // global_batch // grad_accum * grad_accum
-    sampler = EpochPermutation(len(sequences), micro_batches * global_batch, seed)
+    sampler = EpochPermutation(len(sequences), micro_batches * global_batch, seed, global_batch)
     return DataLoader(sequences, batch_sampler=BatchSampler(sampler, global_batch, drop_last=True),
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), generator=_private_generator())
 
 
 def eval_loader(sequences: PackedSequences, batch_size: int, world_size: int, max_batches: int = 0) -> DataLoader:
@@ -316,7 +339,13 @@ def eval_loader(sequences: PackedSequences, batch_size: int, world_size: int, ma
     global_batch = batch_size * world_size
     sampler = PaddedRange(len(sequences), global_batch, max_batches * global_batch)
     return DataLoader(sequences, batch_sampler=BatchSampler(sampler, global_batch, drop_last=False),
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), generator=_private_generator())
+
+
+def _private_generator() -> torch.Generator:
+    """Every new DataLoader iterator draws a seed from this; without it, it draws from the global RNG that
+    dropout uses, and a resumed run (which starts one more iterator) would drift from the uninterrupted one."""
+    return torch.Generator().manual_seed(0)
 
 
 def _fingerprint(source: dict, tokenizer: Tokenizer, train: TokenStream, val: TokenStream) -> str:

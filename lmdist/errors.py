@@ -42,7 +42,7 @@ def run_cli(main: Callable[[], object]) -> None:
     except LmdistError as error:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
-        print(f"lmdist: error: {where}{error}", file=sys.stderr, flush=True)
+        print(f"lmdist: {getattr(error, 'label', 'error')}: {where}{error}", file=sys.stderr, flush=True)
         _close_process_group()
         sys.exit(error.exit_code)
 

@@ -12,6 +12,7 @@ import shutil
 
 from safetensors.torch import save_file
 
+from lmdist.checkpoint import without_tied_copies
 from lmdist.config import TrainConfig
 
 MODEL_FIELDS = {
@@ -26,7 +27,7 @@ def save_final(accelerator, model, cfg: TrainConfig, vocab_size: int) -> str:
     state = accelerator.get_state_dict(model)  # the full weights, gathered on rank zero
     if accelerator.is_main_process:
         os.makedirs(final_dir, exist_ok=True)
-        save_file(_without_tied_copies(state), os.path.join(final_dir, "model.safetensors"), metadata={"format": "pt"})
+        save_file(without_tied_copies(state), os.path.join(final_dir, "model.safetensors"), metadata={"format": "pt"})
         values = dataclasses.asdict(cfg)
         model_config = {"model": cfg.model, "vocab_size": vocab_size, **{k: values[k] for k in MODEL_FIELDS[cfg.model]}}
         with open(os.path.join(final_dir, "config.json"), "w") as f:
@@ -36,12 +37,3 @@ def save_final(accelerator, model, cfg: TrainConfig, vocab_size: int) -> str:
     accelerator.wait_for_everyone()
     return final_dir
 
-
-def _without_tied_copies(state: dict) -> dict:
-    """Keep the first name of each shared tensor (tied output weights are the embedding's)."""
-    seen, unique = set(), {}
-    for name, tensor in state.items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            unique[name] = tensor.contiguous()
-    return unique

@@ -24,7 +24,10 @@ from lmdist.schedule import Plan
 
 
 class JsonlTracker(GeneralTracker):
-    """One JSON object per log event in `<output_dir>/metrics.jsonl`."""
+    """One JSON object per log event in `<output_dir>/metrics.jsonl`.
+
+    A resumed run first cuts the file back to the checkpoint's step, so it reads as one run.
+    """
 
     name = "jsonl"
     requires_logging_directory = False
@@ -34,10 +37,17 @@ class JsonlTracker(GeneralTracker):
         super().__init__()
         self.path = path
         self.file = None
+        self.resume_step: int | None = None  # set before start() when resuming
 
     @on_main_process
     def start(self) -> None:
-        self.file = open(self.path, "w")  # noqa: SIM115 -- open for the whole run, closed in finish()
+        if self.resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        self.file = open(self.path, "a" if self.resume_step is not None else "w")  # noqa: SIM115 -- closed in finish()
 
     @property
     def tracker(self):
@@ -127,15 +137,13 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def make_trackers(cfg: TrainConfig, run_id: str) -> list[GeneralTracker]:
-    """Trackers for `Accelerator(log_with=...)`: metrics.jsonl always, W&B unless disabled."""
+def make_trackers(cfg: TrainConfig) -> list[GeneralTracker]:
+    """Trackers for `Accelerator(log_with=...)`: metrics.jsonl always, W&B unless disabled (started by RunLog)."""
     trackers: list[GeneralTracker] = [JsonlTracker(os.path.join(cfg.output_dir, "metrics.jsonl"))]
     mode = wandb_mode(cfg)
     if mode != "disabled":
-        trackers.append(ResilientWandBTracker(
-            cfg.wandb_project, mode, cfg.wandb_init_timeout, id=run_id, name=cfg.run_name or _run_name(cfg),
-            dir=cfg.output_dir, resume="allow",
-        ))
+        trackers.append(ResilientWandBTracker(cfg.wandb_project, mode, cfg.wandb_init_timeout,
+                                              name=cfg.run_name or _run_name(cfg), dir=cfg.output_dir, resume="allow"))
     return trackers
 
 
@@ -267,22 +275,45 @@ def format_row(row: dict) -> str:
 
 
 class RunLog:
-    """Rank zero's record of one run: config.yaml, run.json, every tracker and the console."""
+    """Rank zero's record of one run: config.yaml, run.json, every tracker and the console.
 
-    def __init__(self, accelerator, cfg: TrainConfig, facts: dict):
-        self.accelerator, self.cfg, self.facts = accelerator, cfg, facts
-        self.console = Console(accelerator, facts["total_steps"])
+    Use it as a context manager: a run that ends in an exception still leaves its status, exit code
+    and reason in run.json (launchers squash exit codes to 1), and closes its trackers.
+    """
+
+    def __init__(self, accelerator, cfg: TrainConfig, facts: dict, run_id: str, resumed=None):
+        self.accelerator, self.cfg, self.closed = accelerator, cfg, False
+        self.facts = {**facts, "run_id": run_id, "resumed_from": resumed.step if resumed else None}
+        self.console = Console(accelerator, facts["total_steps"], resumed.step if resumed else 0)
         self.run_json = os.path.join(cfg.output_dir, "run.json")
         if accelerator.is_main_process:
             cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
-            write_json(self.run_json, {**facts, "status": "running"})
-        accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), "run": facts})
+            write_json(self.run_json, {**self.facts, "status": "running"})
+        for tracker in accelerator.log_with:
+            if isinstance(tracker, ResilientWandBTracker):
+                tracker.init_kwargs["id"] = run_id  # a resumed run continues its W&B run
+            if isinstance(tracker, JsonlTracker) and resumed:
+                tracker.resume_step = resumed.step
+        accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), "run": self.facts})
         wandb_tracker = next((t for t in accelerator.trackers if isinstance(t, ResilientWandBTracker)), None)
         self.wandb_mode = wandb_tracker.mode if wandb_tracker else "disabled"
         if wandb_tracker and wandb_tracker.fell_back:
             then = "logging offline instead" if self.wandb_mode == "offline" else "training goes on without W&B"
             self.console.print(f"warning: W&B could not start {cfg.wandb_mode if cfg.wandb_mode != 'auto' else ''}"
                                f"({wandb_tracker.fell_back}); {then}")
+        if resumed and accelerator.is_main_process:
+            row = {"step": resumed.step, "micro_step": resumed.micro_step, "resumed_from": resumed.step}
+            next(t for t in accelerator.trackers if isinstance(t, JsonlTracker)).log(row)  # not W&B: step S is there
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None or self.closed:
+            return
+        reason = {"status": getattr(error, "status", "failed"), "exit_code": getattr(error, "exit_code", 1),
+                  "reason": str(error) or type(error).__name__}
+        self.finish(reason)
 
     def print(self, message: str) -> None:
         self.console.print(message)
@@ -308,6 +339,7 @@ class RunLog:
 
     def finish(self, summary: dict) -> None:
         """Close the trackers, complete run.json and say where the W&B files are."""
+        self.closed = True
         self.console.close()
         self.accelerator.end_training()
         if not self.accelerator.is_main_process:

@@ -100,7 +100,7 @@ def test_packing_targets_every_token_once():
 
 
 def test_shuffle_depends_only_on_seed_and_epoch():
-    a, b = EpochPermutation(100, 96, seed=5), EpochPermutation(100, 96, seed=5)
+    a, b = EpochPermutation(100, 96, seed=5, global_batch=4), EpochPermutation(100, 96, seed=5, global_batch=4)
     a.set_epoch(3), b.set_epoch(3)
     assert list(a) == list(b) and len(set(a)) == 96
     b.set_epoch(4)

@@ -1,0 +1,338 @@
+"""Checkpoints: one training state saved whole, atomically, and restored exactly.
+
+    <output_dir>/checkpoints/step_00000200/
+        model.safetensors     full weights (tied weights once), written by rank zero
+        optimizer.pt          optimizer state      } torch.save of tensors and plain values:
+        scheduler.pt          LR scheduler state   } loaded with weights_only=True
+        rank_00000.pt ...     each rank's RNG states and unreduced metric sums
+        trainer_state.json    counters, data position, config, data fingerprint, W&B run id
+        manifest.json         size and sha256 of every file above; written last, by rank zero
+
+A checkpoint counts only once its manifest exists and every file matches it: a save killed at any
+moment leaves a folder that resume skips (with a warning naming it) in favour of the previous
+complete one. Nothing is unpickled before its file matched the manifest, and even then only with
+`weights_only=True`. Old checkpoints are deleted by rank zero only after a newer one is complete.
+
+Why not `accelerator.save_state`: it pickles RNG states that `load_state` unpickles unchecked,
+silently skips RNG files it cannot load, and its `total_limit` deletes the old checkpoint before
+the new one is complete. The pieces it is right about (gathering a full state dict, barriers) are
+used here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmdist.config import TrainConfig
+from lmdist.errors import ConfigError, LmdistError
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+# Fields a relaunch may change: they steer logging, saving and evaluation, not the training itself.
+RUN_CONTROL_FIELDS = {"eval_every", "eval_batches", "log_every", "save_every", "keep_last", "keep_best", "resume",
+                      "wandb_mode", "wandb_init_timeout", "wandb_project", "run_name", "threads", "cache_dir"}
+
+
+class CheckpointError(LmdistError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+@dataclass
+class Progress:
+    """Where training is: the counters and the data position, all in one place."""
+
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # batches through forward/backward
+    epoch: int = 0  # the epoch in progress
+    batches_in_epoch: int = 0  # global batches of that epoch already consumed
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+
+    def note_val_loss(self, val_loss: float) -> None:
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step = val_loss, self.step
+
+    def normalized(self, batches_per_epoch: int) -> Progress:
+        """The same position, with a finished epoch written as the start of the next one."""
+        if self.batches_in_epoch < batches_per_epoch:
+            return self
+        return replace(self, epoch=self.epoch + 1, batches_in_epoch=0)
+
+
+@dataclass
+class Resume:
+    """A verified checkpoint to continue from."""
+
+    path: str
+    progress: Progress
+    run_id: str
+    config: dict
+    data_fingerprint: str
+
+
+def step_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, "checkpoints", f"step_{step:08d}")
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, scheduler, progress: Progress,
+         rank_state: dict, run_id: str, data_fingerprint: str) -> float:
+    """Write a complete checkpoint at `path` on every rank, then apply retention; returns seconds taken."""
+    began = time.perf_counter()
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return 0.0  # this very state is saved already (a stop request right after resuming from it)
+    os.makedirs(path, exist_ok=True)
+    state = accelerator.get_state_dict(model)  # every rank takes part (FSDP gathers); rank zero gets it all
+    written = [_save_torch({"rng": _rng_state(), **rank_state}, path, f"rank_{accelerator.process_index:05d}.pt")]
+    if accelerator.is_main_process:
+        save_file(without_tied_copies(state), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        written.append(os.path.join(path, "model.safetensors"))
+        written.append(_save_torch(optimizer.state_dict(), path, "optimizer.pt"))
+        written.append(_save_torch(scheduler.state_dict(), path, "scheduler.pt"))
+        if accelerator.scaler is not None:  # fp16's loss scale
+            written.append(_save_torch(accelerator.scaler.state_dict(), path, "scaler.pt"))
+        trainer_state = {"progress": asdict(progress), "run_id": run_id, "config": cfg.to_dict(),
+                         "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes}
+        written.append(_write_json(os.path.join(path, STATE), trainer_state))
+    for file in written:
+        _fsync(file)
+    accelerator.wait_for_everyone()  # every rank's part is on disk
+    if accelerator.is_main_process:
+        files = sorted(f for f in os.listdir(path) if f != MANIFEST and not f.endswith(".tmp"))
+        manifest = {f: {"size": os.path.getsize(os.path.join(path, f)), "sha256": _sha256(os.path.join(path, f))}
+                    for f in files}
+        _fsync(_write_json(os.path.join(path, MANIFEST), {"files": manifest, "step": progress.step}))
+        _fsync(os.path.dirname(path))
+        apply_retention(os.path.dirname(path), cfg.keep_last, progress.best_step if cfg.keep_best else None)
+    accelerator.wait_for_everyone()
+    return time.perf_counter() - began
+
+
+def apply_retention(folder: str, keep_last: int, best_step: int | None) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints (and the best one); returns what was deleted.
+
+    Incomplete folders older than the newest complete checkpoint are leftovers of killed saves and go too.
+    """
+    entries = sorted(_step_folders(folder), reverse=True)
+    complete = [(step, path) for step, path in entries if os.path.exists(os.path.join(path, MANIFEST))]
+    if not complete:
+        return []
+    keep = {path for _, path in complete[:keep_last]}
+    keep |= {path for step, path in complete if step == best_step}
+    newest = complete[0][0]
+    doomed = [path for step, path in entries if path not in keep and step <= newest]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+# ----------------------------------------------------------------------------- finding and loading
+
+def finished(output_dir: str) -> bool:
+    """True when output_dir holds a run that completed (its final/ export written)."""
+    try:
+        with open(os.path.join(output_dir, "run.json")) as f:
+            status = json.load(f).get("status")
+    except (OSError, ValueError):
+        return False
+    return status == "completed" and os.path.exists(os.path.join(output_dir, "final", "model.safetensors"))
+
+
+def find_resume(cfg: TrainConfig, warn) -> Resume | None:
+    """The checkpoint this launch continues from, verified; None for a fresh start.
+
+    `resume=auto` takes the newest complete checkpoint and skips torn or corrupted ones (warning with
+    `warn`); `resume=never` refuses an output_dir that already holds a run; an explicit path must be complete.
+    """
+    if cfg.resume == "never":
+        used = [n for n in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(cfg.output_dir, n))]
+        if used:
+            raise ConfigError(f"--resume never: {cfg.output_dir} already holds a run ({', '.join(used)}); "
+                              "choose a new output_dir, or use --resume auto to continue it")
+        return None
+    if cfg.resume != "auto":
+        return _resume_from(cfg.resume)
+    for _, path in sorted(_step_folders(os.path.join(cfg.output_dir, "checkpoints")), reverse=True):
+        try:
+            return _resume_from(path)
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint {path}: {e}")
+    return None
+
+
+def check_compatible(resume: Resume, cfg: TrainConfig, data_fingerprint: str | None = None) -> None:
+    """Refuse to continue a checkpoint with different training settings or data."""
+    now = cfg.to_dict()
+    changed = [f"{k} (checkpoint {resume.config.get(k)!r}, now {now[k]!r})" for k in now
+               if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and resume.config.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"this relaunch differs from the checkpoint {resume.path} in {'; '.join(changed)}: relaunch "
+                          "with the checkpoint's values, or start a new output_dir")
+    if data_fingerprint is not None and data_fingerprint != resume.data_fingerprint:
+        raise ConfigError(f"the data or tokenizer differ from the checkpoint {resume.path} (fingerprint "
+                          f"{resume.data_fingerprint}, now {data_fingerprint}): restore them, or start a new "
+                          "output_dir")
+
+
+def load(accelerator, resume: Resume, *, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns this rank's saved extra state."""
+    load_weights(accelerator.unwrap_model(model), os.path.join(resume.path, "model.safetensors"))
+    optimizer.load_state_dict(_load_torch(resume.path, "optimizer.pt"))
+    scheduler.load_state_dict(_load_torch(resume.path, "scheduler.pt"))
+    if accelerator.scaler is not None and os.path.exists(os.path.join(resume.path, "scaler.pt")):
+        accelerator.scaler.load_state_dict(_load_torch(resume.path, "scaler.pt"))
+    rank_file = f"rank_{accelerator.process_index:05d}.pt"
+    if not os.path.exists(os.path.join(resume.path, rank_file)):
+        raise CheckpointError(f"{resume.path} has no {rank_file}: it was saved by {accelerator.num_processes} ranks? "
+                              "relaunch with the world size it was saved with")
+    rank_state = _load_torch(resume.path, rank_file)
+    _set_rng_state(rank_state.pop("rng"))
+    return rank_state
+
+
+def load_weights(module: torch.nn.Module, file: str) -> None:
+    """Load a model.safetensors into `module`; only tied copies may be missing from the file."""
+    state = load_file(file)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - _tied_aliases(module):
+        raise CheckpointError(f"{file} does not fit this model: missing {sorted(set(missing) - _tied_aliases(module))}"
+                              f", unexpected {sorted(unexpected)}")
+
+
+def without_tied_copies(state: dict) -> dict:
+    """Keep the first name of each shared tensor (tied output weights are the embedding's)."""
+    seen, unique = set(), {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            unique[name] = tensor.contiguous()
+    return unique
+
+
+def verify(path: str) -> dict:
+    """The manifest of a complete checkpoint, after checking every file's size and sha256."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a folder")
+    if not os.path.exists(manifest_path):
+        raise CheckpointError(f"{manifest_path} is missing: the save did not complete")
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{manifest_path} is unreadable ({e})") from None
+    for name, expected in files.items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise CheckpointError(f"{file} is missing")
+        if os.path.getsize(file) != expected["size"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} does not match the manifest (truncated or modified)")
+    for required in (STATE, "model.safetensors", "optimizer.pt", "scheduler.pt"):
+        if required not in files:
+            raise CheckpointError(f"{path} lacks {required}")
+    return files
+
+
+# ----------------------------------------------------------------------------- internals
+
+def _resume_from(path: str) -> Resume:
+    verify(path)
+    with open(os.path.join(path, STATE)) as f:
+        state = json.load(f)
+    return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"])
+
+
+def _step_folders(folder: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        if name.startswith("step_") and name[5:].isdigit():
+            found.append((int(name[5:]), os.path.join(folder, name)))
+    return found
+
+
+def _tied_aliases(module: torch.nn.Module) -> set[str]:
+    """Parameter names that alias an earlier parameter (tied weights, stored once)."""
+    first, aliases = set(), set()
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases.add(name)
+        first.add(id(parameter))
+    return aliases
+
+
+def _save_torch(obj, folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _load_torch(folder: str, name: str):
+    path = os.path.join(folder, name)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- the unpickler refuses anything but tensors and plain values
+        raise CheckpointError(f"{path} holds something other than tensors and plain values; refusing to load it "
+                              f"({type(e).__name__})") from None
+
+
+def _write_json(path: str, data: dict) -> str:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _rng_state() -> dict:
+    """Every RNG this rank draws from, as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        if not torch.cuda.is_available():
+            raise CheckpointError("the checkpoint holds CUDA RNG states but no GPU is visible: the resume would "
+                                  "not be exact")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,107 @@
+"""Stopping together: signals and non-finite numbers, agreed by every rank once per optimizer step.
+
+Any rank may be the one a signal reaches (torchrun's launcher dies on SIGUSR1 without telling its
+workers; a Slurm batch shell may reach only some processes). Each rank records what it received;
+`check()` sums every rank's flags with ONE small all-reduce per optimizer step -- the only host
+sync of the loop -- so all ranks stop at the same step. The same check catches a non-finite loss or
+gradient norm on any rank before the optimizer applies it.
+
+    SIGUSR1  (Slurm's warning before a time limit or preemption) -> checkpoint, requeue under Slurm, exit 75
+    SIGTERM  (scancel, Slurm preemption), SIGINT (Ctrl-C)        -> checkpoint, exit 75
+    a NaN or inf                                                  -> exit 3, nothing saved
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+from lmdist.errors import LmdistError
+
+EXIT_NONFINITE = 3
+EXIT_STOPPED = 75
+MAX_SKIPPED_STEPS = 20  # fp16: the scaler skips overflowing steps; this many in a row means divergence
+
+
+class NonFiniteError(LmdistError):
+    exit_code = EXIT_NONFINITE
+    status = "non-finite"
+
+
+class Stopped(LmdistError):
+    """Not a failure: training stopped on request after saving a checkpoint."""
+
+    exit_code = EXIT_STOPPED
+    label = status = "stopped"
+
+
+@dataclass
+class Verdict:
+    nonfinite: bool = False
+    stop_signal: str | None = None  # the signal that asked for the stop, as a name
+    requeue: bool = False
+
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # the order of their flags
+
+
+class StopGuard:
+    """Installs the signal handlers and runs the per-step agreement between ranks."""
+
+    def __init__(self, accelerator, use_scaler: bool):
+        self.accelerator = accelerator
+        self.use_scaler = use_scaler
+        self.received = torch.zeros(len(SIGNALS), dtype=torch.float64)  # host side: handlers only set it
+        self.bad = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # non-finite losses seen
+        self.skipped = 0
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: the save happens at the next step boundary, and a second signal changes nothing.
+        self.received[SIGNALS.index(signum)] = 1
+
+    def watch(self, loss: torch.Tensor) -> None:
+        """Note a micro-step's loss (on the device: no sync)."""
+        if not self.use_scaler:  # with fp16 an overflow is the scaler's business
+            self.bad += (~torch.isfinite(loss.detach())).double()
+
+    def check(self, grad_norm: torch.Tensor) -> Verdict:
+        """All ranks' signals and non-finite flags, summed in one all-reduce; call before optimizer.step()."""
+        bad = self.bad if self.use_scaler else self.bad + (~torch.isfinite(grad_norm.detach())).double()
+        flags = torch.cat([bad.reshape(1), self.received.to(self.bad.device)])
+        total = self.accelerator.reduce(flags, reduction="sum").tolist()
+        self.bad.zero_()
+        usr1, term, interrupt = total[1:]
+        name = "SIGUSR1" if usr1 else "SIGTERM" if term else "SIGINT" if interrupt else None
+        return Verdict(nonfinite=total[0] > 0, stop_signal=name, requeue=bool(usr1))
+
+    def after_step(self, optimizer) -> None:
+        """fp16: count consecutive steps the gradient scaler skipped; too many is a divergence."""
+        if not self.use_scaler:
+            return
+        self.skipped = self.skipped + 1 if getattr(optimizer, "step_was_skipped", False) else 0
+        if self.skipped >= MAX_SKIPPED_STEPS:
+            raise NonFiniteError(f"the fp16 gradient scaler skipped {self.skipped} optimizer steps in a row: "
+                                 "the loss is diverging; lower lr or use bf16")
+
+
+def nonfinite_error(step: int, loss: float, grad_norm: float) -> NonFiniteError:
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    return NonFiniteError(f"non-finite {what} at optimizer step {step} on at least one rank (local loss {loss}, "
+                          f"grad norm {grad_norm}); stopped before the optimizer step, nothing non-finite was saved")
+
+
+def requeue_slurm_job() -> str | None:
+    """`scontrol requeue` this job (array jobs by their own task id); returns the id, or None outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    return job
