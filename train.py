@@ -24,7 +24,7 @@ from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_j
 
 def main(argv: list[str]) -> None:
     cfg = config.load_config(argv)  # a bad flag stops here, before any process group or data work
-    if cfg.resume == "auto" and checkpoint.finished(cfg.output_dir):
+    if cfg.resume == "auto" and checkpoint.finished(cfg):
         print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do", flush=True)
         return
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     corpus = data.load_corpus(cfg, lambda build: engine.main_process_first(accelerator, build),
                               accelerator.is_main_process, reuse_tokenizer=resume is not None)
     if resume:
-        checkpoint.check_compatible(resume, cfg, corpus.fingerprint)
+        checkpoint.check_same_data(resume, corpus.fingerprint)
     train_set = data.PackedSequences(corpus.train, cfg.block_size, keep_partial=False)
     val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
     plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
                         verdict = guard.check(grad_norm)  # every rank's signals and NaNs: the one sync per step
                         if verdict.nonfinite:
-                            raise nonfinite_error(progress.step + 1, loss.item(), grad_norm.item())
+                            raise nonfinite_error(verdict.nonfinite, progress.step + 1)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from lmdist.config import TrainConfig
@@ -139,14 +140,28 @@ def apply_retention(folder: str, keep_last: int, best_step: int | None) -> list[
 
 # ----------------------------------------------------------------------------- finding and loading
 
-def finished(output_dir: str) -> bool:
-    """True when output_dir holds a run that completed (its final/ export written)."""
+def refuse_changes(saved: dict, cfg: TrainConfig, where: str, label: str) -> None:
+    """ConfigError naming every training setting of `cfg` that differs from `saved` (run-control fields may)."""
+    now = cfg.to_dict()
+    changed = [f"{k} ({label} {saved.get(k)!r}, now {now[k]!r})" for k in now
+               if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"this relaunch differs from {where} in {'; '.join(changed)}: relaunch with its values, "
+                          "or start a new output_dir")
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """True when output_dir holds a completed run (final/ export written) of this same config."""
     try:
-        with open(os.path.join(output_dir, "run.json")) as f:
+        with open(os.path.join(cfg.output_dir, "run.json")) as f:
             status = json.load(f).get("status")
     except (OSError, ValueError):
         return False
-    return status == "completed" and os.path.exists(os.path.join(output_dir, "final", "model.safetensors"))
+    if status != "completed" or not os.path.exists(os.path.join(cfg.output_dir, "final", "model.safetensors")):
+        return False
+    with open(os.path.join(cfg.output_dir, "config.yaml")) as f:
+        refuse_changes(yaml.safe_load(f), cfg, f"the finished run in {cfg.output_dir}", "finished run")
+    return True
 
 
 def find_resume(cfg: TrainConfig, warn) -> Resume | None:
@@ -171,15 +186,14 @@ def find_resume(cfg: TrainConfig, warn) -> Resume | None:
     return None
 
 
-def check_compatible(resume: Resume, cfg: TrainConfig, data_fingerprint: str | None = None) -> None:
-    """Refuse to continue a checkpoint with different training settings or data."""
-    now = cfg.to_dict()
-    changed = [f"{k} (checkpoint {resume.config.get(k)!r}, now {now[k]!r})" for k in now
-               if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and resume.config.get(k) != now[k]]
-    if changed:
-        raise ConfigError(f"this relaunch differs from the checkpoint {resume.path} in {'; '.join(changed)}: relaunch "
-                          "with the checkpoint's values, or start a new output_dir")
-    if data_fingerprint is not None and data_fingerprint != resume.data_fingerprint:
+def check_compatible(resume: Resume, cfg: TrainConfig) -> None:
+    """Refuse to continue a checkpoint with different training settings."""
+    refuse_changes(resume.config, cfg, f"the checkpoint {resume.path}", "checkpoint")
+
+
+def check_same_data(resume: Resume, data_fingerprint: str) -> None:
+    """Refuse to continue a checkpoint on different data or a different tokenizer."""
+    if data_fingerprint != resume.data_fingerprint:
         raise ConfigError(f"the data or tokenizer differ from the checkpoint {resume.path} (fingerprint "
                           f"{resume.data_fingerprint}, now {data_fingerprint}): restore them, or start a new "
                           "output_dir")

@@ -24,9 +24,12 @@ T = TypeVar("T")
 def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Accelerator:
     """An Accelerator for this launch: CPU/gloo without an accelerator, the launcher's world size verified."""
     check_launcher_env()
+    cpu = not has_accelerator()
+    if cpu:
+        join_restarted_cpu_group()
     try:
         accelerator = Accelerator(
-            cpu=not has_accelerator(),
+            cpu=cpu,
             gradient_accumulation_steps=cfg.grad_accum,
             # Batches are drawn globally and split: N ranks x b see what 1 process x N*b sees,
             # and the LR scheduler steps once per optimizer step whatever the world size.
@@ -65,6 +68,23 @@ def check_launcher_env() -> None:
         warnings.warn("accelerate started ONE process although --num_processes > 1 was asked for: add --multi_gpu "
                       "(on CPU too) to start them, e.g. `accelerate launch --multi_gpu --num_processes 2 train.py`",
                       stacklevel=2)
+
+
+def join_restarted_cpu_group() -> None:
+    """Join the gloo group of a worker that `torchrun --max-restarts` restarted, under a per-attempt key prefix.
+
+    torchrun keeps one store for every attempt, and gloo's address keys from the failed attempt are still in
+    it: a restarted rank can read its dead peer's address and fail with "connection refused". Accelerate
+    leaves an initialised group alone, so creating it here is enough.
+    """
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or (_env_int("WORLD_SIZE") or 1) <= 1 or dist.is_initialized():
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"lmdist/attempt_{attempt}", store), rank=rank,
+                            world_size=world_size)
 
 
 def check_world_size(accelerate_world: int) -> None:

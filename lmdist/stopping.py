@@ -12,7 +12,6 @@ gradient norm on any rank before the optimizer applies it.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -41,7 +40,7 @@ class Stopped(LmdistError):
 
 @dataclass
 class Verdict:
-    nonfinite: bool = False
+    nonfinite: str | None = None  # "loss" or "gradient norm" when any rank saw a NaN or inf
     stop_signal: str | None = None  # the signal that asked for the stop, as a name
     requeue: bool = False
 
@@ -72,13 +71,13 @@ class StopGuard:
 
     def check(self, grad_norm: torch.Tensor) -> Verdict:
         """All ranks' signals and non-finite flags, summed in one all-reduce; call before optimizer.step()."""
-        bad = self.bad if self.use_scaler else self.bad + (~torch.isfinite(grad_norm.detach())).double()
-        flags = torch.cat([bad.reshape(1), self.received.to(self.bad.device)])
-        total = self.accelerator.reduce(flags, reduction="sum").tolist()
+        bad_norm = torch.zeros_like(self.bad) if self.use_scaler else (~torch.isfinite(grad_norm.detach())).double()
+        flags = torch.cat([self.bad.reshape(1), bad_norm.reshape(1), self.received.to(self.bad.device)])
+        bad_loss, bad_norm, usr1, term, interrupt = self.accelerator.reduce(flags, reduction="sum").tolist()
         self.bad.zero_()
-        usr1, term, interrupt = total[1:]
         name = "SIGUSR1" if usr1 else "SIGTERM" if term else "SIGINT" if interrupt else None
-        return Verdict(nonfinite=total[0] > 0, stop_signal=name, requeue=bool(usr1))
+        nonfinite = "loss" if bad_loss else "gradient norm" if bad_norm else None
+        return Verdict(nonfinite=nonfinite, stop_signal=name, requeue=bool(usr1))
 
     def after_step(self, optimizer) -> None:
         """fp16: count consecutive steps the gradient scaler skipped; too many is a divergence."""
@@ -90,10 +89,9 @@ class StopGuard:
                                  "the loss is diverging; lower lr or use bf16")
 
 
-def nonfinite_error(step: int, loss: float, grad_norm: float) -> NonFiniteError:
-    what = "loss" if not math.isfinite(loss) else "gradient norm"
-    return NonFiniteError(f"non-finite {what} at optimizer step {step} on at least one rank (local loss {loss}, "
-                          f"grad norm {grad_norm}); stopped before the optimizer step, nothing non-finite was saved")
+def nonfinite_error(what: str, step: int) -> NonFiniteError:
+    return NonFiniteError(f"non-finite {what} at optimizer step {step} on at least one rank; every rank stopped "
+                          "before the optimizer step and nothing non-finite was saved (lower lr, check the data)")
 
 
 def requeue_slurm_job() -> str | None:

@@ -1,0 +1,289 @@
+"""Checkpoints and stop requests: an interrupted run, relaunched, is the uninterrupted run.
+
+Reference run A: 2 gloo ranks, dropout 0.1, 40 optimizer steps over two epochs (23 steps each), a
+checkpoint every 5 steps. Every other run here is interrupted somehow, relaunched with the same
+command, and must end with A's losses (bitwise) and A's parameters and optimizer state (torch.equal).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmdist import checkpoint
+from tests.conftest import REPO, TINY_GPT, final_weights, launch, read_metrics, read_run, run_ok
+
+pytestmark = pytest.mark.launch
+
+STEPS_PER_EPOCH = 23
+
+
+@pytest.fixture(scope="session")
+def resume_data(markov, tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("resume_data")
+    (folder / "train.txt").write_text(markov.sample(5_900, seed=11) + "\n")  # 184 sequences: 23 steps of 8
+    (folder / "val.txt").write_text(markov.sample(300, seed=12) + "\n")
+    return ["--dataset", str(folder / "train.txt"), "--val_dataset", str(folder / "val.txt")]
+
+
+def args_for(resume_data, output_dir, *extra) -> list[str]:
+    tiny = list(TINY_GPT)
+    tiny[tiny.index("--dropout") + 1] = "0.1"  # exact resume must hold with dropout's RNG in play
+    return [*tiny, *resume_data, "--batch_size", "4", "--epochs", "2", "--max_steps", "40", "--save_every", "5",
+            "--keep_last", "3", "--eval_every", "10", "--output_dir", str(output_dir), *extra]
+
+
+@pytest.fixture(scope="session")
+def reference(resume_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_ok(args_for(resume_data, out), cwd=out.parent, nproc=2, launcher="torchrun")
+    assert read_run(out)["steps_per_epoch"] == STEPS_PER_EPOCH
+    return out
+
+
+def start(args, cwd, env=None) -> subprocess.Popen:
+    """A 2-rank torchrun launch in the background (its own process group, so tests can signal it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "train.py"), *args, "--wandb_mode", "disabled"]
+    return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {process.communicate()[1][-3000:]}")
+        path = output_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the launcher's workers."""
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split():
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next(int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK="))
+        ranks[rank] = int(pid)
+    return ranks
+
+
+def assert_same_as_reference(run: Path, reference: Path) -> int:
+    """The relaunched run matches A exactly; returns the step it resumed from."""
+    rows = read_metrics(run)
+    resumed = [r["resumed_from"] for r in rows if "resumed_from" in r]
+    assert len(resumed) == 1 and resumed[0] > 0
+    want = {r["step"]: r["train/loss"] for r in read_metrics(reference) if "train/loss" in r}
+    got = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert got == want, "every train/loss, before and after the resume, bitwise equal to the uninterrupted run"
+    a, b = final_weights(run), final_weights(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = checkpoint.step_dir(str(run), 40)
+    opt_a = torch.load(Path(last) / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(Path(checkpoint.step_dir(str(reference), 40)) / "optimizer.pt", weights_only=True)
+    for key, state in opt_b["state"].items():
+        assert all(torch.equal(state[name], opt_a["state"][key][name]) for name in state)
+    return resumed[0]
+
+
+def fake_scontrol(folder: Path) -> dict:
+    """A stand-in `scontrol` on PATH that records its arguments."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {folder / 'scontrol.calls'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+
+
+def test_sigterm_mid_epoch_then_relaunch_is_exact(reference, resume_data, tmp_path):
+    out = tmp_path / "run"
+    env = fake_scontrol(tmp_path)
+    process = start(args_for(resume_data, out), tmp_path, env)
+    wait_for_step(out, 12, process)
+    os.killpg(process.pid, signal.SIGTERM)  # what scancel does: the launcher forwards it to the workers
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and stderr.count("lmdist: stopped: ") == 2, stderr[-3000:]
+    assert read_run(out)["status"] == "stopped" and read_run(out)["exit_code"] == 75
+    assert not (tmp_path / "scontrol.calls").exists(), "SIGTERM checkpoints but does not requeue"
+    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun")
+    resumed = assert_same_as_reference(out, reference)
+    assert resumed < STEPS_PER_EPOCH, "resumed mid-epoch, then crossed the epoch boundary"
+
+
+def test_sigusr1_to_one_worker_checkpoints_every_rank_and_requeues_once(reference, resume_data, tmp_path):
+    out = tmp_path / "run"
+    env = fake_scontrol(tmp_path)
+    process = start(args_for(resume_data, out), tmp_path, env)
+    wait_for_step(out, 8, process)
+    os.kill(worker_pids(process)[1], signal.SIGUSR1)  # rank 1 only; rank 0 never hears of it
+    _, stderr = process.communicate(timeout=120)
+    stops = [line for line in stderr.splitlines() if "lmdist: stopped:" in line]
+    assert len(stops) == 2 and "SIGUSR1" in stops[0], stderr[-3000:]
+    step = read_run(out)["step"]
+    saved = Path(checkpoint.step_dir(str(out), step))
+    assert (saved / "rank_00000.pt").exists() and (saved / "rank_00001.pt").exists()
+    assert all(f"at step {step}:" in line for line in stops), "both ranks stopped at the same step"
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun")
+    assert assert_same_as_reference(out, reference) == step
+
+
+def test_array_job_requeues_its_own_task(monkeypatch, tmp_path):
+    from lmdist.stopping import requeue_slurm_job
+
+    for key, value in {**fake_scontrol(tmp_path), "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}.items():
+        monkeypatch.setenv(key, value)
+    assert requeue_slurm_job() == "77_3"
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 77_3\n"
+
+
+def test_torn_and_truncated_checkpoints_fall_back(reference, resume_data, tmp_path):
+    """A save killed before its manifest (torn) and a file cut short (truncated): resume skips both, naming
+    them, and continues from the previous complete checkpoint."""
+    out = tmp_path / "run"
+    process = start(args_for(resume_data, out), tmp_path)
+    wait_for_step(out, 17, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate(timeout=120)
+    saved = sorted(step for step, _ in checkpoint._step_folders(str(out / "checkpoints")))
+    assert len(saved) == 3  # keep_last 3
+    newest, second = (Path(checkpoint.step_dir(str(out), s)) for s in saved[:0:-1])
+    (newest / "manifest.json").unlink()  # killed before rank zero wrote the manifest
+    optimizer = second / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])  # killed mid-write
+    result = run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun")
+    assert f"skipping checkpoint {newest}" in result.stdout and "manifest.json is missing" in result.stdout
+    assert f"skipping checkpoint {second}" in result.stdout and "does not match the manifest" in result.stdout
+    assert assert_same_as_reference(out, reference) == saved[0]
+
+
+def test_torchrun_restarts_a_crashed_rank_from_the_newest_checkpoint(reference, resume_data, tmp_path):
+    marker = tmp_path / "crashed-once"
+    wrapper = tmp_path / "crash_once.py"
+    wrapper.write_text(
+        "import os, runpy, sys\nimport lmdist.metrics\n"
+        "update, calls = lmdist.metrics.TokenMeter.update, [0]\n"
+        "def crashing_update(self, *a, **k):\n"
+        "    calls[0] += 1\n"
+        f"    if os.environ['RANK'] == '1' and calls[0] == 13 and not os.path.exists({str(marker)!r}):\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "        os._exit(1)  # a crash: no checkpoint, no goodbye\n"
+        "    return update(self, *a, **k)\n"
+        "lmdist.metrics.TokenMeter.update = crashing_update\n"
+        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "1", str(wrapper), *args_for(resume_data, out), "--wandb_mode", "disabled"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.exists()
+    assert assert_same_as_reference(out, reference) == 10
+
+
+def test_nan_on_one_rank_stops_every_rank_and_saves_nothing_non_finite(resume_data, tmp_path):
+    wrapper = tmp_path / "nan_on_rank1.py"
+    wrapper.write_text(
+        "import os, runpy, sys\nimport torch\nimport lmdist.models\n"
+        "build, calls = lmdist.models.build_model, [0]\n"
+        "def poisoned(cfg, vocab):\n"
+        "    model = build(cfg, vocab)\n"
+        "    forward = model.forward\n"
+        "    def nan_forward(idx):\n"
+        "        out = forward(idx)\n"
+        "        if model.training:\n"
+        "            calls[0] += 1\n"
+        "        return out * float('nan') if os.environ['RANK'] == '1' and calls[0] == 7 else out\n"
+        "    model.forward = nan_forward\n"
+        "    return model\n"
+        "lmdist.models.build_model = poisoned\n"
+        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = tmp_path / "run"
+    result = launch(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", script=wrapper, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("non-finite loss at optimizer step 7") == 2, result.stderr[-3000:]
+    assert read_run(out)["status"] == "non-finite" and read_run(out)["exit_code"] == 3
+    saved = sorted(step for step, _ in checkpoint._step_folders(str(out / "checkpoints")))
+    assert saved == [5]
+    weights = load_file(Path(checkpoint.step_dir(str(out), 5)) / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+class Payload:
+    """Unpickling this creates a file: proof that something was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("manifest", ["kept", "forged"])
+def test_pickle_payloads_are_never_unpickled(reference, resume_data, tmp_path, manifest):
+    source = Path(checkpoint.step_dir(str(reference), 40))
+    target = tmp_path / "ckpt"
+    shutil.copytree(source, target)
+    marker = tmp_path / "pwned"
+    for file in target.iterdir():
+        if file.suffix == ".pt":
+            with open(file, "wb") as f:
+                pickle.dump(Payload(marker), f)
+    if manifest == "forged":  # an attacker who rewrites the manifest too still meets weights_only=True
+        files = json.loads((target / "manifest.json").read_text())
+        for name in files["files"]:
+            data = (target / name).read_bytes()
+            files["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (target / "manifest.json").write_text(json.dumps(files))
+    result = launch(args_for(resume_data, tmp_path / "run", "--resume", str(target)), cwd=tmp_path, nproc=1)
+    assert result.returncode == 2, result.stderr[-3000:]
+    expected = "does not match the manifest" if manifest == "kept" else "refusing to load it"
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists(), "the payload ran"
+
+
+def test_relaunch_rules(reference, resume_data, tmp_path):
+    finished = launch(args_for(resume_data, reference), cwd=tmp_path, nproc=1)
+    assert finished.returncode == 0 and "has already finished; nothing to do" in finished.stdout
+    changed = launch(args_for(resume_data, reference, "--lr", "1e-3"), cwd=tmp_path, nproc=1)
+    assert changed.returncode == 2 and "lr (finished run 0.003, now 0.001)" in changed.stderr
+    never = launch(args_for(resume_data, reference, "--resume", "never"), cwd=tmp_path, nproc=1)
+    assert never.returncode == 2 and "--resume never" in never.stderr and "already holds a run" in never.stderr
+    # A different setting on a run with a checkpoint to resume from is refused, naming the field.
+    partial = tmp_path / "partial"
+    shutil.copytree(reference / "checkpoints", partial / "checkpoints")
+    shutil.copytree(reference / "tokenizer", partial / "tokenizer")
+    refused = launch(args_for(resume_data, partial, "--lr", "1e-3"), cwd=tmp_path, nproc=1)
+    assert refused.returncode == 2 and "differs from the checkpoint" in refused.stderr
+    assert "lr (checkpoint 0.003, now 0.001)" in refused.stderr
+    allowed = launch(args_for(resume_data, partial, "--log_every", "7"), cwd=tmp_path, nproc=1)
+    assert "differs from the checkpoint" not in allowed.stderr
+
+
+def test_retention_keeps_the_newest_and_the_best(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for step in (5, 10, 15, 20, 25):
+        (folder / f"step_{step:08d}").mkdir(parents=True)
+        (folder / f"step_{step:08d}" / "manifest.json").write_text("{}")
+    (folder / "step_00000030").mkdir()  # a save in progress (no manifest yet): never touched
+    (folder / "step_00000003").mkdir()  # a torn leftover older than the newest complete one: removed
+    deleted = checkpoint.apply_retention(str(folder), keep_last=2, best_step=10)
+    assert sorted(os.listdir(folder)) == ["step_00000010", "step_00000020", "step_00000025", "step_00000030"]
+    assert len(deleted) == 3
+
+
+def test_reference_run_kept_its_last_three_checkpoints(reference):
+    assert sorted(os.listdir(reference / "checkpoints")) == ["step_00000030", "step_00000035", "step_00000040"]
