@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from lmdist.config import TrainConfig
 from lmdist.errors import ConfigError, LmdistError
 
+SIGNAL_LEAD_S = 60  # Slurm's default time between --signal and the kill: a save must fit in it
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 # Fields a relaunch may change: they steer logging, saving and evaluation, not the training itself.

@@ -1,10 +1,15 @@
 """The `lmdist` console script: commands around training (training itself is `train.py`).
 
+    lmdist eval --checkpoint DIR [--dataset D --split S --batch_size B --output FILE]
+    lmdist generate --checkpoint DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --seed S]
     lmdist env       what a launch here would see: devices, launcher variables, threads, W&B mode
     lmdist fields    every config field with its type, default and meaning (--markdown for a table)
+
+`eval` runs on one process or several: `torchrun --nproc_per_node 2 -m lmdist eval --checkpoint DIR`.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import fire
@@ -39,5 +44,32 @@ def fields(markdown: bool = False) -> None:
     print(markdown_table() if markdown else help_text())
 
 
+def eval(checkpoint: str, dataset: str | None = None, split: str | None = None, batch_size: int | None = None,
+         output: str = "eval.json") -> None:
+    """val/loss, val/ppl, val/acc of a checkpoint or final/ folder: on its run's validation data, or on
+    `split` of `dataset` (default split: validation, valid, test or train, the first there is)."""
+    from lmdist.errors import run_cli
+    from lmdist.inference import evaluate_saved
+    from lmdist.tracking import write_json
+
+    def run() -> None:
+        result = evaluate_saved(str(checkpoint), None if dataset is None else str(dataset), split, batch_size)
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_json(output, result)
+            print(json.dumps(result))
+
+    run_cli(run)
+
+
+def generate(checkpoint: str, prompt: str = "", max_new_tokens: int = 200, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0) -> None:
+    """Continue `prompt` with text sampled from a checkpoint or final/ folder (same seed, same text)."""
+    from lmdist.errors import run_cli
+    from lmdist.inference import generate as sample
+
+    run_cli(lambda: print(sample(str(checkpoint), str(prompt), int(max_new_tokens), float(temperature), int(top_k),
+                                 int(seed))))
+
+
 def main() -> None:
-    fire.Fire({"env": env, "fields": fields}, name="lmdist")
+    fire.Fire({"eval": eval, "generate": generate, "env": env, "fields": fields}, name="lmdist")

@@ -31,6 +31,7 @@ from lmdist.tokenizer import Tokenizer, build_tokenizer, encode_rows, load_token
 
 IGNORE_INDEX = -100  # target value for padding: no loss, no accuracy, not counted
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+EVAL_SPLITS = ("validation", "valid", "test", "train")  # the split to evaluate on, in order of preference
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -57,12 +58,9 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
 
     With `reuse_tokenizer` (a resumed run) every rank loads the tokenizer saved in output_dir.
     """
-    import datasets
-
     for spec in filter(None, (cfg.dataset, cfg.val_dataset)):
         check_source(spec)  # on every rank, before any collective: a bad path fails everywhere at once
-    if not (is_main and sys.stderr.isatty()):
-        datasets.disable_progress_bars()  # one bar, on rank zero's terminal; no carriage returns in logs
+    quiet_progress_bars(is_main)
 
     def build() -> Corpus:
         train_rows, val_rows, source = load_rows(cfg)
@@ -82,6 +80,14 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
         return Corpus(train, val, tokenizer, _fingerprint(source, tokenizer, train, val), source)
 
     return main_process_first(build)
+
+
+def quiet_progress_bars(is_main: bool) -> None:
+    """datasets' progress bars: one, on rank zero's terminal; none (no carriage returns) in logs."""
+    import datasets
+
+    if not (is_main and sys.stderr.isatty()):
+        datasets.disable_progress_bars()
 
 
 # ----------------------------------------------------------------------------- finding rows
@@ -105,11 +111,11 @@ def load_rows(cfg: TrainConfig):
         loaded = datasets.DatasetDict({"train": datasets.Dataset.from_dict({cfg.text_column: docs})})
         source = {"dataset": "builtin", "modules": len(docs), "corpus_fingerprint": corpus.fingerprint(docs)}
     else:
-        loaded = _load(cfg.dataset, cfg)
+        loaded = load_dataset_dict(cfg.dataset, cfg)
         source = {"dataset": cfg.dataset, "splits": {k: v.num_rows for k, v in loaded.items()}}
-    train = _pick_split(loaded, ("train",), cfg.dataset)
+    train = pick_split(loaded, ("train",), cfg.dataset)
     if cfg.val_dataset:
-        val = _pick_split(_load(cfg.val_dataset, cfg), ("validation", "valid", "test", "train"), cfg.val_dataset)
+        val = pick_split(load_dataset_dict(cfg.val_dataset, cfg), EVAL_SPLITS, cfg.val_dataset)
         source["val_dataset"] = cfg.val_dataset
     elif "validation" in loaded:
         val = loaded["validation"]
@@ -132,7 +138,7 @@ def load_rows(cfg: TrainConfig):
     return train, val, source
 
 
-def _load(spec: str, cfg: TrainConfig):
+def load_dataset_dict(spec: str, cfg: TrainConfig):
     """A DatasetDict from a local file/folder/glob, a save_to_disk folder or a hub name."""
     import datasets
 
@@ -177,7 +183,7 @@ def _data_files(spec: str) -> list[str]:
     return known
 
 
-def _pick_split(loaded, preferred: tuple[str, ...], spec: str):
+def pick_split(loaded, preferred: tuple[str, ...], spec: str):
     for name in preferred:
         if name in loaded:
             return loaded[name]

@@ -37,11 +37,14 @@ def resume_data(markov, tmp_path_factory) -> list[str]:
     return ["--dataset", str(folder / "train.txt"), "--val_dataset", str(folder / "val.txt")]
 
 
-def args_for(resume_data, output_dir, *extra) -> list[str]:
-    tiny = list(TINY_GPT)
-    tiny[tiny.index("--dropout") + 1] = "0.1"  # exact resume must hold with dropout's RNG in play
-    return [*tiny, *resume_data, "--batch_size", "4", "--epochs", "2", "--max_steps", "40", "--save_every", "5",
-            "--keep_last", "3", "--eval_every", "10", "--output_dir", str(output_dir), *extra]
+def args_for(resume_data, output_dir, *overrides) -> list[str]:
+    """Run A's flags, with `overrides` (--flag value pairs) replacing or adding to them."""
+    flags = dict(zip(TINY_GPT[::2], TINY_GPT[1::2], strict=True))
+    flags.update({"--dropout": "0.1",  # exact resume must hold with dropout's RNG in play
+                  "--batch_size": "4", "--epochs": "2", "--max_steps": "40", "--save_every": "5", "--keep_last": "3",
+                  "--eval_every": "10", "--output_dir": str(output_dir)})
+    flags.update(dict(zip(overrides[::2], overrides[1::2], strict=True)))
+    return [*resume_data, *(item for pair in flags.items() for item in pair)]
 
 
 @pytest.fixture(scope="session")
@@ -287,3 +290,68 @@ def test_retention_keeps_the_newest_and_the_best(tmp_path):
 
 def test_reference_run_kept_its_last_three_checkpoints(reference):
     assert sorted(os.listdir(reference / "checkpoints")) == ["step_00000030", "step_00000035", "step_00000040"]
+
+
+def test_resume_exactly_at_an_epoch_boundary(reference, resume_data, tmp_path):
+    """A checkpoint on the last step of epoch 0 resumes at the start of epoch 1 (save_every may change)."""
+    out = tmp_path / "run"
+    process = start(args_for(resume_data, out, "--save_every", str(STEPS_PER_EPOCH)), tmp_path)
+    wait_for_step(out, STEPS_PER_EPOCH + 2, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate(timeout=120)
+    for step, path in checkpoint._step_folders(str(out / "checkpoints")):
+        if step != STEPS_PER_EPOCH:
+            shutil.rmtree(path)  # as if the stop had come right after the epoch-end save
+    state = json.loads((Path(checkpoint.step_dir(str(out), STEPS_PER_EPOCH)) / "trainer_state.json").read_text())
+    assert (state["progress"]["epoch"], state["progress"]["batches_in_epoch"]) == (1, 0)
+    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun")
+    assert assert_same_as_reference(out, reference) == STEPS_PER_EPOCH
+
+
+def test_init_from_takes_weights_only(reference, resume_data, tmp_path):
+    out = tmp_path / "run"
+    run_ok(args_for(resume_data, out, "--init_from", str(reference / "final"), "--lr", "0", "--max_steps", "1"),
+           cwd=tmp_path)
+    first = read_metrics(out)
+    assert [r["step"] for r in first] == [1] and "resumed_from" not in first[0]
+    assert first[0]["val/loss"] == pytest.approx(read_metrics(reference)[-1]["val/loss"], rel=1e-6)
+    assert read_run(out)["run_id"] != read_run(reference)["run_id"]
+
+
+def lmdist_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmdist", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_eval_matches_the_runs_last_val_loss_and_sees_one_changed_token(reference, resume_data, tmp_path):
+    last = read_metrics(reference)[-1]["val/loss"]
+    for folder in (reference / "final", Path(checkpoint.step_dir(str(reference), 40))):
+        result = lmdist_cli("eval", "--checkpoint", str(folder), "--output", str(tmp_path / "e.json"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads((tmp_path / "e.json").read_text())["val/loss"] == pytest.approx(last, rel=1e-6)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "lmdist", "eval", "--checkpoint", str(reference / "final"), "--batch_size", "3",
+                          "--output", str(tmp_path / "two.json")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((tmp_path / "two.json").read_text())["val/loss"] == pytest.approx(last, rel=1e-6)
+    val = Path(resume_data[3]).read_text()
+    changed = tmp_path / "changed.txt"
+    changed.write_text(val[:100] + ("a" if val[100] != "a" else "b") + val[101:])
+    result = lmdist_cli("eval", "--checkpoint", str(reference / "final"), "--dataset", str(changed),
+                        "--split", "train", "--output", str(tmp_path / "c.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "c.json").read_text())["val/loss"] != pytest.approx(last, rel=1e-9)
+
+
+def test_generate_is_reproducible_and_top_k_1_is_greedy(reference, tmp_path):
+    def sample(*extra: str) -> str:
+        result = lmdist_cli("generate", "--checkpoint", str(reference / "final"), "--prompt", "abcab",
+                            "--max_new_tokens", "40", *extra, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip()
+
+    assert sample("--seed", "1") == sample("--seed", "1") and len(sample("--seed", "1")) >= 40
+    assert sample("--seed", "1") != sample("--seed", "2")
+    greedy = sample("--temperature", "0")
+    assert sample("--top_k", "1", "--seed", "1") == sample("--top_k", "1", "--seed", "2") == greedy

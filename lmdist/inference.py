@@ -1,0 +1,102 @@
+"""Using saved weights: evaluate them on a dataset, or generate text from a prompt.
+
+Both take a training checkpoint (`<output_dir>/checkpoints/step_N/`, verified against its manifest
+first) or a `final/` export.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from lmdist import checkpoint, data, engine
+from lmdist.config import TrainConfig, make_config
+from lmdist.errors import DataError
+from lmdist.metrics import evaluate
+from lmdist.models import build_model
+from lmdist.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class Saved:
+    """Weights, tokenizer and the run's config, as found in a checkpoint or final/ folder."""
+
+    weights: str
+    tokenizer: Tokenizer
+    cfg: TrainConfig
+
+
+def open_saved(folder: str) -> Saved:
+    """Find the weights, tokenizer and run config of a checkpoint or final/ folder."""
+    folder = os.path.normpath(folder)
+    if os.path.exists(os.path.join(folder, checkpoint.STATE)):  # a training checkpoint
+        checkpoint.verify(folder)
+        with open(os.path.join(folder, checkpoint.STATE)) as f:
+            values = json.load(f)["config"]
+        tokenizer_dir = os.path.join(folder, "..", "..", "tokenizer")
+    elif os.path.exists(os.path.join(folder, "config.json")):  # a final/ export
+        run_config = os.path.join(folder, "..", "config.yaml")
+        if os.path.exists(run_config):  # still beside its run: the full config, data included
+            with open(run_config) as f:
+                values = yaml.safe_load(f)
+        else:  # on its own: the model's settings only
+            with open(os.path.join(folder, "config.json")) as f:
+                values = json.load(f)
+            values.pop("vocab_size")  # the tokenizer's size, not the bpe training field of the same name
+        tokenizer_dir = os.path.join(folder, "tokenizer")
+    else:
+        raise DataError(f"{folder} is neither a training checkpoint ({checkpoint.STATE}) nor a final/ export "
+                        "(config.json)")
+    values = {**values, "resume": "auto", "init_from": None}  # inference neither resumes nor initialises
+    return Saved(os.path.join(folder, "model.safetensors"), load_tokenizer(tokenizer_dir), make_config(values))
+
+
+def load_model(saved: Saved) -> torch.nn.Module:
+    model = build_model(saved.cfg, saved.tokenizer.vocab_size)
+    checkpoint.load_weights(model, saved.weights)
+    return model.eval()
+
+
+def evaluate_saved(folder: str, dataset: str | None, split: str | None, batch_size: int | None) -> dict:
+    """val/loss, val/ppl, val/acc of saved weights: on the run's validation data, or on `split` of `dataset`."""
+    saved = open_saved(folder)
+    cfg = saved.cfg if batch_size is None else make_config({**saved.cfg.to_dict(), "batch_size": batch_size})
+    accelerator = engine.build_accelerator(cfg)
+    data.quiet_progress_bars(accelerator.is_main_process)
+    if dataset is None:
+        rows = data.load_rows(cfg)[1]
+    else:
+        data.check_source(dataset)
+        rows = data.pick_split(data.load_dataset_dict(dataset, cfg), (split,) if split else data.EVAL_SPLITS, dataset)
+    tokens = data.TokenStream(data.tokenize(rows, saved.tokenizer, cfg.text_column))
+    sequences = data.PackedSequences(tokens, cfg.block_size, keep_partial=True)
+    loader = data.eval_loader(sequences, cfg.batch_size, accelerator.num_processes)
+    model, loader = accelerator.prepare(load_model(saved), loader)
+    metrics = evaluate(model, loader, accelerator)
+    return {**metrics, "tokens": tokens.n_tokens - 1, "checkpoint": folder, "dataset": dataset or cfg.dataset,
+            "split": split or ("validation" if dataset is None else "auto")}
+
+
+@torch.no_grad()
+def generate(folder: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
+    """Sample a continuation of `prompt`: the same seed gives the same text; top_k 1 (or temperature 0) is greedy."""
+    saved = open_saved(folder)
+    model = load_model(saved)
+    ids = saved.tokenizer.encode(prompt) or [saved.tokenizer.eos_id or 0]
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.tensor([ids])
+    for _ in range(max_new_tokens):
+        logits = model(context[:, -saved.cfg.block_size:])[0, -1].float()
+        if top_k:
+            threshold = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits[logits < threshold] = -float("inf")
+        if temperature == 0:
+            token = logits.argmax().reshape(1)
+        else:
+            token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
+        context = torch.cat([context, token[None]], dim=1)
+    return saved.tokenizer.decode(context[0, len(ids):].tolist())
