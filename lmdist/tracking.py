@@ -347,5 +347,6 @@ class RunLog:
         write_json(self.run_json, {**self.facts, **summary, "wandb_mode": self.wandb_mode,
                                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         if self.wandb_mode == "offline":
-            self.print(f"W&B logged offline under {os.path.join(self.cfg.output_dir, 'wandb')}; "
-                       f"upload with: wandb sync {os.path.join(self.cfg.output_dir, 'wandb', 'offline-run-*')}")
+            self.print(f"W&B logged offline under {os.path.join(self.cfg.output_dir, 'wandb')}; upload every piece "
+                       f"of this run (one per launch) as one run with: wandb sync --id {self.facts['run_id']} "
+                       f"{os.path.join(self.cfg.output_dir, 'wandb', 'offline-run-*')}")

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmdist import checkpoint
+from tests import wandb_file
 from tests.conftest import REPO, TINY_GPT, final_weights, launch, read_metrics, read_run, run_ok
 
 pytestmark = pytest.mark.launch
@@ -58,7 +59,7 @@ def reference(resume_data, tmp_path_factory) -> Path:
 def start(args, cwd, env=None) -> subprocess.Popen:
     """A 2-rank torchrun launch in the background (its own process group, so tests can signal it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "train.py"), *args, "--wandb_mode", "disabled"]
+           str(REPO / "train.py"), *args, *([] if "--wandb_mode" in args else ["--wandb_mode", "disabled"])]
     return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -115,16 +116,25 @@ def fake_scontrol(folder: Path) -> dict:
 def test_sigterm_mid_epoch_then_relaunch_is_exact(reference, resume_data, tmp_path):
     out = tmp_path / "run"
     env = fake_scontrol(tmp_path)
-    process = start(args_for(resume_data, out), tmp_path, env)
+    process = start(args_for(resume_data, out, "--wandb_mode", "offline"), tmp_path, env)
     wait_for_step(out, 12, process)
     os.killpg(process.pid, signal.SIGTERM)  # what scancel does: the launcher forwards it to the workers
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and stderr.count("lmdist: stopped: ") == 2, stderr[-3000:]
     assert read_run(out)["status"] == "stopped" and read_run(out)["exit_code"] == 75
     assert not (tmp_path / "scontrol.calls").exists(), "SIGTERM checkpoints but does not requeue"
-    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun")
+    run_ok(args_for(resume_data, out, "--wandb_mode", "offline"), cwd=tmp_path, nproc=2, launcher="torchrun")
     resumed = assert_same_as_reference(out, reference)
     assert resumed < STEPS_PER_EPOCH, "resumed mid-epoch, then crossed the epoch boundary"
+    # W&B offline: one piece per launch, both under the run id, together covering every logged step;
+    # `wandb sync` uploads pieces with one id into one run, in order.
+    pieces = [wandb_file.run_file(d) for d in wandb_file.find_offline_runs(out)]
+    assert len(pieces) == 2
+    ids = {r.run.run_id for p in pieces for r in wandb_file.read_records(p) if r.WhichOneof("record_type") == "run"}
+    assert ids == {read_run(out)["run_id"]}
+    first, second = ([h["_step"] for h in wandb_file.history(p)] for p in pieces)
+    assert min(second) == resumed + 1 and set(first) | set(second) == {r["step"] for r in read_metrics(out)
+                                                                        if "resumed_from" not in r}
 
 
 def test_sigusr1_to_one_worker_checkpoints_every_rank_and_requeues_once(reference, resume_data, tmp_path):
