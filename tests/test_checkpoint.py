@@ -365,3 +365,26 @@ def test_generate_is_reproducible_and_top_k_1_is_greedy(reference, tmp_path):
     assert sample("--seed", "1") != sample("--seed", "2")
     greedy = sample("--temperature", "0")
     assert sample("--top_k", "1", "--seed", "1") == sample("--top_k", "1", "--seed", "2") == greedy
+
+
+def test_a_signal_in_the_middle_of_a_save_does_not_corrupt_it(reference, resume_data, tmp_path):
+    """Rank zero gets SIGINT while hashing files for a manifest: that save completes and verifies, the run
+    stops at the next step with another checkpoint, and the relaunch is exact."""
+    wrapper = tmp_path / "signal_mid_save.py"
+    wrapper.write_text(
+        "import os, runpy, signal, sys\nimport lmdist.checkpoint\n"
+        "sha256, sent = lmdist.checkpoint._sha256, []\n"
+        "def interrupted_sha256(path):\n"
+        "    if not sent and '00000010' in path:\n"
+        "        sent.append(1)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, half-way through writing the manifest\n"
+        "    return sha256(path)\n"
+        "lmdist.checkpoint._sha256 = interrupted_sha256\n"
+        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = tmp_path / "run"
+    result = launch(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", script=wrapper)
+    assert result.returncode != 0 and result.stderr.count("SIGINT at step 11: saved") == 2, result.stderr[-3000:]
+    checkpoint.verify(checkpoint.step_dir(str(out), 10))
+    checkpoint.verify(checkpoint.step_dir(str(out), 11))
+    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun")
+    assert assert_same_as_reference(out, reference) == 11
