@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
     resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
     if resume:
-        checkpoint.check_compatible(resume, cfg)
+        checkpoint.check_compatible(resume, cfg, accelerator.num_processes)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
     # Data: the main process tokenizes first, the others reuse its cache.

@@ -80,6 +80,7 @@ class Resume:
     run_id: str
     config: dict
     data_fingerprint: str
+    world_size: int
 
 
 def step_dir(output_dir: str, step: int) -> str:
@@ -187,9 +188,13 @@ def find_resume(cfg: TrainConfig, warn) -> Resume | None:
     return None
 
 
-def check_compatible(resume: Resume, cfg: TrainConfig) -> None:
-    """Refuse to continue a checkpoint with different training settings."""
+def check_compatible(resume: Resume, cfg: TrainConfig, world_size: int) -> None:
+    """Refuse to continue a checkpoint with different training settings or another number of processes."""
     refuse_changes(resume.config, cfg, f"the checkpoint {resume.path}", "checkpoint")
+    if world_size != resume.world_size:
+        raise ConfigError(f"the checkpoint {resume.path} was saved by {resume.world_size} processes and this launch "
+                          f"has {world_size}: the global batch and data position would change; relaunch with "
+                          f"{resume.world_size} processes")
 
 
 def check_same_data(resume: Resume, data_fingerprint: str) -> None:
@@ -207,11 +212,7 @@ def load(accelerator, resume: Resume, *, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(_load_torch(resume.path, "scheduler.pt"))
     if accelerator.scaler is not None and os.path.exists(os.path.join(resume.path, "scaler.pt")):
         accelerator.scaler.load_state_dict(_load_torch(resume.path, "scaler.pt"))
-    rank_file = f"rank_{accelerator.process_index:05d}.pt"
-    if not os.path.exists(os.path.join(resume.path, rank_file)):
-        raise CheckpointError(f"{resume.path} has no {rank_file}: it was saved by {accelerator.num_processes} ranks? "
-                              "relaunch with the world size it was saved with")
-    rank_state = _load_torch(resume.path, rank_file)
+    rank_state = _load_torch(resume.path, f"rank_{accelerator.process_index:05d}.pt")
     _set_rng_state(rank_state.pop("rng"))
     return rank_state
 
@@ -265,7 +266,8 @@ def _resume_from(path: str) -> Resume:
     verify(path)
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
-    return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"])
+    return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"],
+                  state["world_size"])
 
 
 def _step_folders(folder: str) -> list[tuple[int, str]]:
