@@ -69,10 +69,7 @@ def main(argv: list[str]) -> None:
                                   progress=progress.normalized(plan.steps_per_epoch * cfg.grad_accum),
                                   rank_state={"meter": train_meter.sums}, run_id=run_id,
                                   data_fingerprint=corpus.fingerprint)
-        log.print(f"checkpoint: {path} ({seconds:.1f} s)")
-        if seconds > checkpoint.SIGNAL_LEAD_S:
-            log.print(f"warning: saving took {seconds:.0f} s, more than the {checkpoint.SIGNAL_LEAD_S} s a preemption "
-                      "signal leaves by default: ask for more (sbatch --signal=B:USR1@<seconds>)")
+        log.checkpoint_saved(path, seconds)
         return path
 
     with tracking.RunLog(accelerator, cfg, tracking.run_facts(accelerator, plan, corpus, n_params), run_id,

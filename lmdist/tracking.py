@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
 
+from lmdist.checkpoint import SIGNAL_LEAD_S
 from lmdist.config import TrainConfig
 from lmdist.data import Corpus
 from lmdist.schedule import Plan
@@ -332,6 +333,12 @@ class RunLog:
 
     def advance(self) -> None:
         self.console.advance()
+
+    def checkpoint_saved(self, path: str, seconds: float) -> None:
+        self.print(f"checkpoint: {path} ({seconds:.1f} s)")
+        if seconds > SIGNAL_LEAD_S:
+            self.print(f"warning: saving took {seconds:.0f} s, more than the {SIGNAL_LEAD_S} s a preemption signal "
+                       "leaves by default: ask for more (sbatch --signal=B:USR1@<seconds>)")
 
     def log(self, row: dict) -> None:
         self.accelerator.log(row, step=row["step"])
