@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -349,6 +350,9 @@ def _set_rng_state(state: dict) -> None:
             raise CheckpointError("the checkpoint holds CUDA RNG states but no GPU is visible: the resume would "
                                   "not be exact")
         torch.cuda.set_rng_state_all(state["cuda"])
+    elif torch.cuda.is_available():
+        warnings.warn("the checkpoint was saved without a GPU: resuming on one, dropout draws differ from an "
+                      "uninterrupted run", stacklevel=2)
 
 
 def _as_tuples(value):
