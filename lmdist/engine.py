@@ -25,6 +25,10 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
     """An Accelerator for this launch: CPU/gloo without an accelerator, the launcher's world size verified."""
     check_launcher_env()
     cpu = not has_accelerator()
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError("FSDP was asked for (accelerate config or --use_fsdp) on a machine without GPUs: "
+                          "Accelerate would silently train DDP instead, and lmdist does not shard on CPU yet; "
+                          "use accelerate_configs/cpu.yaml here")
     if cpu:
         join_restarted_cpu_group()
     try:

@@ -94,6 +94,12 @@ def markov_files(markov, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+def equivalence_args(markov_files) -> list[str]:
+    """The training every equivalence run shares: global batch 8, 16 shuffled steps over two epochs."""
+    return [*TINY_GPT, "--dataset", str(markov_files["short"]), "--val_dataset", str(markov_files["short_val"]),
+            "--epochs", "2", "--eval_every", "5", "--warmup_steps", "3"]
+
+
 @pytest.fixture(scope="session")
 def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
     """The same training (global batch 8, 14 shuffled steps over two epochs) under five launches:
@@ -101,8 +107,6 @@ def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
     grad_accum 2, 2 `accelerate launch --multi_gpu` ranks x 2 x grad_accum 2, and 2 ranks from
     accelerate_configs/cpu.yaml x 4."""
     root = tmp_path_factory.mktemp("equivalence")
-    data = ["--dataset", str(markov_files["short"]), "--val_dataset", str(markov_files["short_val"]),
-            "--epochs", "2", "--eval_every", "5", "--warmup_steps", "3"]
     runs = {  # one_b8 gets OMP_NUM_THREADS=1 as launchers set it: lmdist must still use every core
         "one_b8": (1, "python", ["--batch_size", "8"]),
         "torchrun_b4": (2, "torchrun", ["--batch_size", "4", "--wandb_mode", "offline"]),
@@ -114,7 +118,7 @@ def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
     for name, (nproc, launcher, extra) in runs.items():
         out[name] = root / name
         env = {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1" if name == "one_b8" else None}
-        result = run_ok([*TINY_GPT, *data, *extra, "--output_dir", str(out[name])], cwd=root, nproc=nproc,
-                        launcher=launcher, env=env)
+        result = run_ok([*equivalence_args(markov_files), *extra, "--output_dir", str(out[name])], cwd=root,
+                        nproc=nproc, launcher=launcher, env=env)
         (out[name] / "stdout.log").write_text(result.stdout)
     return out

@@ -1,0 +1,56 @@
+"""Every file in accelerate_configs/ that can run on a CPU machine runs here, as its README row says."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, TINY_GPT, equivalence_args, free_port, read_metrics, read_run
+
+pytestmark = pytest.mark.launch
+CONFIGS = REPO / "accelerate_configs"
+
+
+def accelerate(config: str, *launch_flags: str, train_args: list[str], cwd, wait: bool = True):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), *launch_flags,
+           str(REPO / "train.py"), *train_args, "--wandb_mode", "disabled"]
+    process = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process.communicate(timeout=300) + (process.returncode,) if wait else process
+
+
+@pytest.mark.parametrize("config, flags, world_size, distributed_type, mixed_precision", [
+    ("single_gpu.yaml", [], 1, "NO", "bf16"),
+    ("multi_gpu.yaml", ["--num_processes", "2"], 2, "MULTI_CPU", "bf16"),
+])
+def test_config_runs_on_cpu(markov_files, tmp_path, config, flags, world_size, distributed_type, mixed_precision):
+    args = [*TINY_GPT, "--dataset", str(markov_files["short"]), "--batch_size", "2", "--max_steps", "2",
+            "--output_dir", str(tmp_path / "out")]
+    _, stderr, code = accelerate(config, *flags, "--main_process_port", str(free_port()), train_args=args, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    facts = read_run(tmp_path / "out")
+    assert (facts["world_size"], facts["distributed_type"], facts["mixed_precision"]) == (
+        world_size, distributed_type, mixed_precision)
+
+
+def test_multi_node_template_as_two_machines_trains_the_single_node_model(equivalence_runs, markov_files, tmp_path):
+    """Two launchers (machine ranks 0 and 1) on this machine: one rank each, the 2-rank run's per-step losses."""
+    port = str(free_port())
+    args = [*equivalence_args(markov_files), "--batch_size", "4", "--output_dir", str(tmp_path / "out")]
+    launchers = [accelerate("multi_node.yaml", "--num_processes", "2", "--machine_rank", str(rank),
+                            "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                            train_args=args, cwd=tmp_path, wait=False) for rank in (0, 1)]
+    for launcher in launchers:
+        _, stderr = launcher.communicate(timeout=300)
+        assert launcher.returncode == 0, stderr[-3000:]
+    facts = read_run(tmp_path / "out")
+    assert (facts["world_size"], facts["distributed_type"]) == (2, "MULTI_CPU")
+    got = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "out") if "train/loss" in r}
+    want = {r["step"]: r["train/loss"] for r in read_metrics(equivalence_runs["torchrun_b4"]) if "train/loss" in r}
+    assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want)
+
+
+def test_fsdp_config_is_refused_on_cpu_instead_of_silently_becoming_ddp(tmp_path):
+    _, stderr, code = accelerate("fsdp.yaml", "--num_processes", "2", "--main_process_port", str(free_port()),
+                                 train_args=["--max_steps", "1", "--output_dir", str(tmp_path / "out")], cwd=tmp_path)
+    assert code != 0 and stderr.count("FSDP was asked for") == 2 and "engine.py" not in stderr
