@@ -23,6 +23,13 @@ TINY_GPT = ["--model", "gpt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32
             "--dropout", "0", "--tokenizer", "char", "--log_every", "1", "--seed", "7"]
 
 
+def with_flags(args: list[str], *overrides: str) -> list[str]:
+    """`args` (--flag value pairs) with `overrides` replacing or adding flags."""
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    flags.update(zip(overrides[::2], overrides[1::2], strict=True))
+    return [item for pair in flags.items() for item in pair]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from lmdist import checkpoint
 from tests import wandb_file
-from tests.conftest import REPO, TINY_GPT, final_weights, launch, read_metrics, read_run, run_ok
+from tests.conftest import REPO, TINY_GPT, final_weights, launch, read_metrics, read_run, run_ok, with_flags
 
 pytestmark = pytest.mark.launch
 
@@ -40,12 +40,10 @@ def resume_data(markov, tmp_path_factory) -> list[str]:
 
 def args_for(resume_data, output_dir, *overrides) -> list[str]:
     """Run A's flags, with `overrides` (--flag value pairs) replacing or adding to them."""
-    flags = dict(zip(TINY_GPT[::2], TINY_GPT[1::2], strict=True))
-    flags.update({"--dropout": "0.1",  # exact resume must hold with dropout's RNG in play
-                  "--batch_size": "4", "--epochs": "2", "--max_steps": "40", "--save_every": "5", "--keep_last": "3",
-                  "--eval_every": "10", "--output_dir": str(output_dir)})
-    flags.update(dict(zip(overrides[::2], overrides[1::2], strict=True)))
-    return [*resume_data, *(item for pair in flags.items() for item in pair)]
+    run_a = with_flags(TINY_GPT, "--dropout", "0.1",  # exact resume must hold with dropout's RNG in play
+                       "--batch_size", "4", "--epochs", "2", "--max_steps", "40", "--save_every", "5",
+                       "--keep_last", "3", "--eval_every", "10", "--output_dir", str(output_dir))
+    return with_flags([*resume_data, *run_a], *overrides)
 
 
 @pytest.fixture(scope="session")
