@@ -30,8 +30,10 @@ def main(argv: list[str]) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
     resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
-    if resume:
-        checkpoint.check_compatible(resume, cfg, accelerator.num_processes)
+    if resume:  # the same global batch on another number of processes adjusts grad_accum
+        resume, cfg = checkpoint.adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
+        accelerator.gradient_accumulation_steps = cfg.grad_accum
+        checkpoint.check_compatible(resume, cfg)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
     # Data: the main process tokenizes first, the others reuse its cache.

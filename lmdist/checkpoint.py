@@ -81,7 +81,8 @@ class Resume:
     run_id: str
     config: dict
     data_fingerprint: str
-    world_size: int
+    world_size: int  # processes that saved it
+    resumed_by: int | None = None  # processes that resume it (set by adapt_to_world_size)
 
 
 def step_dir(output_dir: str, step: int) -> str:
@@ -189,13 +190,38 @@ def find_resume(cfg: TrainConfig, warn) -> Resume | None:
     return None
 
 
-def check_compatible(resume: Resume, cfg: TrainConfig, world_size: int) -> None:
-    """Refuse to continue a checkpoint with different training settings or another number of processes."""
-    refuse_changes(resume.config, cfg, f"the checkpoint {resume.path}", "checkpoint")
-    if world_size != resume.world_size:
-        raise ConfigError(f"the checkpoint {resume.path} was saved by {resume.world_size} processes and this launch "
-                          f"has {world_size}: the global batch and data position would change; relaunch with "
-                          f"{resume.world_size} processes")
+def check_compatible(resume: Resume, cfg: TrainConfig) -> None:
+    """Refuse to continue a checkpoint with different training settings (grad_accum may follow the world size)."""
+    saved = resume.config if resume.world_size == resume.resumed_by else {**resume.config, "grad_accum": cfg.grad_accum}
+    refuse_changes(saved, cfg, f"the checkpoint {resume.path}", "checkpoint")
+
+
+def adapt_to_world_size(resume: Resume, cfg: TrainConfig, world_size: int, say) -> tuple[Resume, TrainConfig]:
+    """The checkpoint and config that continue `resume` on `world_size` processes with the same global batch.
+
+    The global batch (processes x batch_size x grad_accum sequences) and the data position, counted in
+    sequences, carry over; grad_accum absorbs the change. Where no whole grad_accum keeps the global
+    batch, that is an error saying so.
+    """
+    resume = replace(resume, resumed_by=world_size)
+    if world_size == resume.world_size:
+        return resume, cfg
+    global_batch = resume.world_size * resume.config["batch_size"] * resume.config["grad_accum"]
+    per_micro_step = world_size * cfg.batch_size
+    if global_batch % per_micro_step:
+        raise ConfigError(f"the checkpoint {resume.path} trained with a global batch of {global_batch} sequences "
+                          f"({resume.world_size} processes); {world_size} processes x batch_size {cfg.batch_size} "
+                          f"cannot keep it with a whole grad_accum: choose a batch_size that divides "
+                          f"{global_batch // world_size}, or relaunch on {resume.world_size} processes")
+    grad_accum = global_batch // per_micro_step
+    # the data position is kept in global micro-batches of the old size: convert it to the new size
+    old_micro_batch = resume.world_size * resume.config["batch_size"]
+    progress = replace(resume.progress,
+                       batches_in_epoch=resume.progress.batches_in_epoch * old_micro_batch // per_micro_step)
+    say(f"resuming a {resume.world_size}-process checkpoint on {world_size} processes: grad_accum "
+        f"{resume.config['grad_accum']} -> {grad_accum} keeps the global batch of {global_batch} sequences; "
+        "dropout draws will differ from an uninterrupted run")
+    return replace(resume, progress=progress), replace(cfg, grad_accum=grad_accum)
 
 
 def check_same_data(resume: Resume, data_fingerprint: str) -> None:
@@ -213,9 +239,17 @@ def load(accelerator, resume: Resume, *, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(_load_torch(resume.path, "scheduler.pt"))
     if accelerator.scaler is not None and os.path.exists(os.path.join(resume.path, "scaler.pt")):
         accelerator.scaler.load_state_dict(_load_torch(resume.path, "scaler.pt"))
-    rank_state = _load_torch(resume.path, f"rank_{accelerator.process_index:05d}.pt")
-    _set_rng_state(rank_state.pop("rng"))
-    return rank_state
+    rank = accelerator.process_index
+    if accelerator.num_processes == resume.world_size:
+        rank_state = _load_torch(resume.path, f"rank_{rank:05d}.pt")
+        _set_rng_state(rank_state.pop("rng"))
+        return rank_state
+    # Another world size: RNG states only for ranks that existed; every unlogged metric sum goes to rank 0.
+    saved = [_load_torch(resume.path, f"rank_{r:05d}.pt") for r in range(resume.world_size)]
+    if rank < resume.world_size:
+        _set_rng_state(saved[rank]["rng"])
+    meter = sum(s["meter"] for s in saved) if rank == 0 else torch.zeros_like(saved[0]["meter"])
+    return {"meter": meter}
 
 
 def load_weights(module: torch.nn.Module, file: str) -> None:

@@ -23,7 +23,17 @@ from safetensors.torch import load_file
 
 from lmdist import checkpoint
 from tests import wandb_file
-from tests.conftest import REPO, TINY_GPT, final_weights, launch, read_metrics, read_run, run_ok, with_flags
+from tests.conftest import (
+    REPO,
+    TINY_GPT,
+    equivalence_args,
+    final_weights,
+    launch,
+    read_metrics,
+    read_run,
+    run_ok,
+    with_flags,
+)
 
 pytestmark = pytest.mark.launch
 
@@ -283,8 +293,8 @@ def test_relaunch_rules(reference, resume_data, tmp_path):
     refused = launch(args_for(resume_data, partial, "--lr", "1e-3"), cwd=tmp_path, nproc=1)
     assert refused.returncode == 2 and "differs from the checkpoint" in refused.stderr
     assert "lr (checkpoint 0.003, now 0.001)" in refused.stderr
-    other_world = launch(args_for(resume_data, partial), cwd=tmp_path, nproc=1)
-    assert other_world.returncode == 2 and "saved by 2 processes and this launch has 1" in other_world.stderr
+    other_world = launch(args_for(resume_data, partial, "--batch_size", "3"), cwd=tmp_path, nproc=1)
+    assert other_world.returncode == 2 and "cannot keep it with a whole grad_accum" in other_world.stderr
     allowed = launch(args_for(resume_data, partial, "--log_every", "7"), cwd=tmp_path, nproc=2, launcher="torchrun")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
 
@@ -410,3 +420,29 @@ def test_fp16_skipped_steps_stop_only_after_many_in_a_row(monkeypatch):
         guard.after_step(skipped)
     with pytest.raises(stopping.NonFiniteError, match="skipped 20 optimizer steps in a row"):
         guard.after_step(skipped)
+
+
+@pytest.mark.parametrize("before, after", [(("torchrun", 2, "1"), ("python", 1, "2")),
+                                           (("python", 1, "2"), ("torchrun", 2, "1"))])
+def test_resume_on_another_world_size_keeps_the_global_batch(markov_files, tmp_path, before, after):
+    """2 ranks -> 1 process and 1 -> 2: grad_accum absorbs the change, no sequence is repeated or skipped, and
+    the run ends where the uninterrupted one did (the 2x4 / 1x4x2 equivalence tolerance)."""
+    (launcher, nproc, grad_accum), (new_launcher, new_nproc, new_grad_accum) = before, after
+    args = with_flags(equivalence_args(markov_files), "--batch_size", "4", "--save_every", "5", "--keep_last", "5")
+    source = tmp_path / "source"
+    run_ok(with_flags(args, "--grad_accum", grad_accum, "--output_dir", str(source)), cwd=tmp_path, nproc=nproc,
+           launcher=launcher)
+    moved = tmp_path / "moved"
+    shutil.copytree(Path(checkpoint.step_dir(str(source), 10)), Path(checkpoint.step_dir(str(moved), 10)))
+    shutil.copytree(source / "tokenizer", moved / "tokenizer")
+    result = run_ok(with_flags(args, "--grad_accum", grad_accum, "--output_dir", str(moved)), cwd=tmp_path,
+                    nproc=new_nproc, launcher=new_launcher)
+    assert f"grad_accum {grad_accum} -> {new_grad_accum} keeps the global batch of 8 sequences" in result.stdout
+    state = json.loads((Path(checkpoint.step_dir(str(moved), 16)) / "trainer_state.json").read_text())
+    assert state["world_size"] == new_nproc and state["config"]["grad_accum"] == int(new_grad_accum)
+    want = {r["step"]: r["train/loss"] for r in read_metrics(source) if "train/loss" in r}
+    got = {r["step"]: r["train/loss"] for r in read_metrics(moved) if "train/loss" in r}
+    assert sorted(got) == list(range(11, 17))
+    assert all(abs(got[s] - want[s]) <= 1e-5 * want[s] for s in got)
+    a, b = final_weights(moved), final_weights(source)
+    assert all((a[k] - b[k]).norm() <= 1e-5 * b[k].norm() for k in a)
