@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
         seconds = checkpoint.save(accelerator, path, cfg, model=model, optimizer=optimizer, scheduler=scheduler,
                                   progress=progress.normalized(plan.steps_per_epoch * cfg.grad_accum),
                                   rank_state={"meter": train_meter.sums}, run_id=run_id,
-                                  data_fingerprint=corpus.fingerprint)
+                                  data_fingerprint=corpus.fingerprint, val_loss=row.get("val/loss"))
         log.checkpoint_saved(path, seconds)
         return path
 
@@ -116,14 +116,15 @@ def main(argv: list[str]) -> None:
                 if progress.step % cfg.log_every == 0 or last:
                     row.update(train_meter.compute(accelerator, "train"), grad_norm=grad_norm.item(),
                                lr=lr_at(progress.step - 1, cfg, plan.total_steps), tokens_per_sec=throughput.rate())
-                if progress.step % cfg.eval_every == 0 or progress.step % plan.steps_per_epoch == 0 or last:
+                save_now = progress.step % cfg.save_every == 0 or last or verdict.stop_signal
+                if (progress.step % cfg.eval_every == 0 or progress.step % plan.steps_per_epoch == 0 or last
+                        or (save_now and cfg.keep_best)):  # keep_best compares every checkpoint's val/loss
                     with throughput.paused():
                         row.update(evaluate(model, val_loader, accelerator))
-                    progress.note_val_loss(row["val/loss"])
                 if row:
                     log.log({"step": progress.step, "micro_step": progress.micro_step,
                              "epoch": plan.epoch_of(progress.step), **row, "tokens_seen": progress.tokens_seen})
-                if progress.step % cfg.save_every == 0 or last or verdict.stop_signal:
+                if save_now:
                     with throughput.paused():
                         saved = save_checkpoint()
                 if verdict.stop_signal:

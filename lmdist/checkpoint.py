@@ -58,12 +58,6 @@ class Progress:
     epoch: int = 0  # the epoch in progress
     batches_in_epoch: int = 0  # global batches of that epoch already consumed
     tokens_seen: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-
-    def note_val_loss(self, val_loss: float) -> None:
-        if self.best_val_loss is None or val_loss < self.best_val_loss:
-            self.best_val_loss, self.best_step = val_loss, self.step
 
     def normalized(self, batches_per_epoch: int) -> Progress:
         """The same position, with a finished epoch written as the start of the next one."""
@@ -92,8 +86,11 @@ def step_dir(output_dir: str, step: int) -> str:
 # ----------------------------------------------------------------------------- saving
 
 def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, scheduler, progress: Progress,
-         rank_state: dict, run_id: str, data_fingerprint: str) -> float:
-    """Write a complete checkpoint at `path` on every rank, then apply retention; returns seconds taken."""
+         rank_state: dict, run_id: str, data_fingerprint: str, val_loss: float | None) -> float:
+    """Write a complete checkpoint at `path` on every rank, then apply retention; returns seconds taken.
+
+    `val_loss` (the evaluation at this step, if any) is recorded for `keep_best`.
+    """
     began = time.perf_counter()
     if os.path.exists(os.path.join(path, MANIFEST)):
         return 0.0  # this very state is saved already (a stop request right after resuming from it)
@@ -108,7 +105,8 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
         if accelerator.scaler is not None:  # fp16's loss scale
             written.append(_save_torch(accelerator.scaler.state_dict(), path, "scaler.pt"))
         trainer_state = {"progress": asdict(progress), "run_id": run_id, "config": cfg.to_dict(),
-                         "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes}
+                         "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
+                         "val_loss": val_loss}
         written.append(_write_json(os.path.join(path, STATE), trainer_state))
     for file in written:
         _fsync(file)
@@ -119,13 +117,14 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
                     for f in files}
         _fsync(_write_json(os.path.join(path, MANIFEST), {"files": manifest, "step": progress.step}))
         _fsync(os.path.dirname(path))
-        apply_retention(os.path.dirname(path), cfg.keep_last, progress.best_step if cfg.keep_best else None)
+        apply_retention(os.path.dirname(path), cfg.keep_last, cfg.keep_best)
     accelerator.wait_for_everyone()
     return time.perf_counter() - began
 
 
-def apply_retention(folder: str, keep_last: int, best_step: int | None) -> list[str]:
-    """Delete all but the newest `keep_last` complete checkpoints (and the best one); returns what was deleted.
+def apply_retention(folder: str, keep_last: int, keep_best: bool) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints (and, with `keep_best`, the one with the
+    lowest recorded val/loss); returns what was deleted.
 
     Incomplete folders older than the newest complete checkpoint are leftovers of killed saves and go too.
     """
@@ -134,7 +133,9 @@ def apply_retention(folder: str, keep_last: int, best_step: int | None) -> list[
     if not complete:
         return []
     keep = {path for _, path in complete[:keep_last]}
-    keep |= {path for step, path in complete if step == best_step}
+    if keep_best:
+        scored = [(loss, path) for _, path in complete if (loss := _recorded_val_loss(path)) is not None]
+        keep |= {min(scored)[1]} if scored else set()
     newest = complete[0][0]
     doomed = [path for step, path in entries if path not in keep and step <= newest]
     for path in doomed:
@@ -303,6 +304,11 @@ def _resume_from(path: str) -> Resume:
         state = json.load(f)
     return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"],
                   state["world_size"])
+
+
+def _recorded_val_loss(path: str) -> float | None:
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f).get("val_loss")
 
 
 def _step_folders(folder: str) -> list[tuple[int, str]]:

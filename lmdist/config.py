@@ -78,7 +78,7 @@ class TrainConfig:
     # checkpoints
     save_every: int = _f(200, "save a checkpoint every this many optimizer steps (and at the last step)", "checkpoints")
     keep_last: int = _f(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)", "checkpoints")
-    keep_best: bool = _f(False, "also keep the checkpoint with the lowest val/loss", "checkpoints")
+    keep_best: bool = _f(False, "also keep the checkpoint with the lowest val/loss (every checkpoint is then evaluated)", "checkpoints")
     resume: str = _f("auto", "`auto` (the newest complete checkpoint in output_dir, if any), `never` (refuse a used output_dir), or a checkpoint folder", "checkpoints")
     init_from: str | None = _f(None, "start a new run from these weights only (a checkpoint or a final/ export): no optimizer, counters or run id", "checkpoints")
 

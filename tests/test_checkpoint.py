@@ -301,14 +301,16 @@ def test_relaunch_rules(reference, resume_data, tmp_path):
 
 def test_retention_keeps_the_newest_and_the_best(tmp_path):
     folder = tmp_path / "checkpoints"
-    for step in (5, 10, 15, 20, 25):
+    for step, val_loss in ((5, 3.0), (10, 1.5), (15, None), (20, 2.0), (25, 2.5)):
         (folder / f"step_{step:08d}").mkdir(parents=True)
         (folder / f"step_{step:08d}" / "manifest.json").write_text("{}")
+        (folder / f"step_{step:08d}" / "trainer_state.json").write_text(json.dumps({"val_loss": val_loss}))
     (folder / "step_00000030").mkdir()  # a save in progress (no manifest yet): never touched
     (folder / "step_00000003").mkdir()  # a torn leftover older than the newest complete one: removed
-    deleted = checkpoint.apply_retention(str(folder), keep_last=2, best_step=10)
+    assert len(checkpoint.apply_retention(str(folder), keep_last=4, keep_best=False)) == 2  # 3 and 5
+    deleted = checkpoint.apply_retention(str(folder), keep_last=2, keep_best=True)
     assert sorted(os.listdir(folder)) == ["step_00000010", "step_00000020", "step_00000025", "step_00000030"]
-    assert len(deleted) == 3
+    assert len(deleted) == 1  # 15: not among the newest two, and 10 has the lowest val/loss
 
 
 def test_reference_run_kept_its_last_three_checkpoints(reference):
@@ -446,3 +448,18 @@ def test_resume_on_another_world_size_keeps_the_global_batch(markov_files, tmp_p
     assert all(abs(got[s] - want[s]) <= 1e-5 * want[s] for s in got)
     a, b = final_weights(moved), final_weights(source)
     assert all((a[k] - b[k]).norm() <= 1e-5 * b[k].norm() for k in a)
+
+
+def test_keep_best_evaluates_every_checkpoint_and_keeps_the_lowest(markov_files, tmp_path):
+    out = tmp_path / "run"
+    # A constant, too-high lr makes val/loss jump around: the best checkpoint is not the newest one.
+    args = with_flags(equivalence_args(markov_files), "--batch_size", "4", "--max_steps", "6", "--save_every", "2",
+                      "--keep_last", "1", "--keep_best", "true", "--eval_every", "100", "--lr", "0.3",
+                      "--warmup_steps", "0", "--lr_schedule", "constant", "--output_dir", str(out))
+    run_ok(args, cwd=tmp_path)
+    val = {r["step"]: r["val/loss"] for r in read_metrics(out) if "val/loss" in r}
+    assert set(range(2, 7, 2)) <= set(val), "every save step was evaluated"
+    best = min(range(2, 7, 2), key=lambda s: val[s])
+    kept = {step for step, _ in checkpoint._step_folders(str(out / "checkpoints"))}
+    assert best != 6, f"the test needs a run whose best checkpoint is not the newest: {val}"
+    assert kept == {6, best}
