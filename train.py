@@ -14,7 +14,7 @@ import sys
 
 import torch.nn.functional as F
 
-from lmdist import checkpoint, config, data, engine, export, tracking
+from lmdist import checkpoint, config, data, engine, export, streaming, tracking
 from lmdist.errors import run_cli
 from lmdist.metrics import Throughput, TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
@@ -24,6 +24,7 @@ from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_j
 
 def main(argv: list[str]) -> None:
     cfg = config.load_config(argv)  # a bad flag stops here, before any process group or data work
+    streaming.check_streaming_config(cfg)
     if cfg.resume == "auto" and checkpoint.finished(cfg):
         print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do", flush=True)
         return
@@ -41,11 +42,17 @@ def main(argv: list[str]) -> None:
                               accelerator.is_main_process, reuse_tokenizer=resume is not None)
     if resume:
         checkpoint.check_same_data(resume, corpus.fingerprint)
-    train_set = data.PackedSequences(corpus.train, cfg.block_size, keep_partial=False)
     val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
-    plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
-    train_loader = data.train_loader(train_set, cfg.batch_size, accelerator.num_processes, cfg.grad_accum, cfg.seed)
     val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator.num_processes, cfg.eval_batches)
+    if cfg.streaming:  # each rank reads its own part of the stream, packed on the fly
+        stream = streaming.open_stream(cfg, accelerator.process_index, accelerator.num_processes)
+        train_set = streaming.StreamedSequences(stream, corpus.tokenizer, cfg.text_column, cfg.block_size)
+        plan = Plan.for_stream(cfg, accelerator.num_processes)
+    else:
+        train_set = data.PackedSequences(corpus.train, cfg.block_size, keep_partial=False)
+        plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
+        train_loader = data.train_loader(train_set, cfg.batch_size, accelerator.num_processes, cfg.grad_accum,
+                                         cfg.seed)
 
     model = build_model(cfg, corpus.tokenizer.vocab_size)
     if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
@@ -53,15 +60,21 @@ def main(argv: list[str]) -> None:
     n_params = count_parameters(model)
     optimizer = engine.build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
-    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler)
+    if cfg.streaming:
+        model, optimizer, val_loader, scheduler = accelerator.prepare(model, optimizer, val_loader, scheduler)
+        train_loader = streaming.StreamLoader(train_set, cfg.batch_size, accelerator.device)
+    else:
+        model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, scheduler)
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 
     train_meter, throughput = TokenMeter(accelerator.device), Throughput(plan.tokens_per_step)
     progress, run_id = checkpoint.Progress(), tracking.new_run_id()
-    if resume:  # model, optimizer, scheduler, RNG and the unlogged metric sums, exactly as saved
-        train_meter.sums = checkpoint.load(accelerator, resume, model=model, optimizer=optimizer,
-                                           scheduler=scheduler)["meter"].to(accelerator.device)
+    if resume:  # model, optimizer, scheduler, RNG, unlogged metric sums and stream position, exactly as saved
+        rank_state = checkpoint.load(accelerator, resume, model=model, optimizer=optimizer, scheduler=scheduler)
+        train_meter.sums = rank_state["meter"].to(accelerator.device)
+        if cfg.streaming:
+            train_set.load_state(rank_state["stream"])
         progress, run_id = resume.progress, resume.run_id
     guard = StopGuard(accelerator, use_scaler=accelerator.scaler is not None)
 
@@ -69,7 +82,9 @@ def main(argv: list[str]) -> None:
         path = checkpoint.step_dir(cfg.output_dir, progress.step)
         seconds = checkpoint.save(accelerator, path, cfg, model=model, optimizer=optimizer, scheduler=scheduler,
                                   progress=progress.normalized(plan.steps_per_epoch * cfg.grad_accum),
-                                  rank_state={"meter": train_meter.sums}, run_id=run_id,
+                                  rank_state={"meter": train_meter.sums,
+                                              **({"stream": train_set.state()} if cfg.streaming else {})},
+                                  run_id=run_id,
                                   data_fingerprint=corpus.fingerprint, val_loss=row.get("val/loss"))
         log.checkpoint_saved(path, seconds)
         return path

@@ -207,6 +207,9 @@ def adapt_to_world_size(resume: Resume, cfg: TrainConfig, world_size: int, say) 
     resume = replace(resume, resumed_by=world_size)
     if world_size == resume.world_size:
         return resume, cfg
+    if cfg.streaming:
+        raise ConfigError(f"the checkpoint {resume.path} streamed its data over {resume.world_size} processes, each "
+                          f"with its own part of the stream: relaunch on {resume.world_size} processes")
     global_batch = resume.world_size * resume.config["batch_size"] * resume.config["grad_accum"]
     per_micro_step = world_size * cfg.batch_size
     if global_batch % per_micro_step:

@@ -50,6 +50,7 @@ class TrainConfig:
     tokenizer: str = _f("byte", "`byte`, `char`, `word` (vocabulary from the training split), `bpe` (byte-level BPE trained on the training split), or a local HuggingFace tokenizer folder", "data")
     vocab_size: int = _f(4096, "bpe: vocabulary size to train", "data")
     min_freq: int = _f(1, "char/word: keep symbols seen at least this often in training; rarer ones become <unk>", "data")
+    streaming: bool = _f(False, "read the training data as a stream (HF IterableDataset) split across ranks, for corpora too large for local disk; needs max_steps, val_dataset, and a byte or folder tokenizer", "data")
     # optimisation
     epochs: int = _f(1, "passes over the training data (the run ends at epochs or max_steps, whichever is first)", "optimisation")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (default: no limit)", "optimisation")

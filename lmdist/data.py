@@ -39,7 +39,7 @@ SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 class Corpus:
     """The tokenized training and validation streams, and what produced them."""
 
-    train: TokenStream
+    train: TokenStream | None  # None when streaming
     val: TokenStream
     tokenizer: Tokenizer
     fingerprint: str
@@ -48,8 +48,9 @@ class Corpus:
     def describe(self) -> str:
         """One line for the console: where the text came from, the tokenizer, the sizes, the fingerprint."""
         source = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in self.source.items())
+        train = "streamed" if self.train is None else f"{self.train.n_tokens:,}"
         return (f"{source}; tokenizer {self.tokenizer.kind} (vocab {self.tokenizer.vocab_size}); "
-                f"{self.train.n_tokens:,} train / {self.val.n_tokens:,} val tokens; fingerprint {self.fingerprint}")
+                f"{train} train / {self.val.n_tokens:,} val tokens; fingerprint {self.fingerprint}")
 
 
 def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool,
@@ -63,7 +64,11 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
     quiet_progress_bars(is_main)
 
     def build() -> Corpus:
-        train_rows, val_rows, source = load_rows(cfg)
+        if cfg.streaming:  # the training rows arrive later, as a stream (lmdist.streaming)
+            train_rows, source = None, {"dataset": cfg.dataset, "streaming": True, "val_dataset": cfg.val_dataset}
+            val_rows = pick_split(load_dataset_dict(cfg.val_dataset, cfg), EVAL_SPLITS, cfg.val_dataset)
+        else:
+            train_rows, val_rows, source = load_rows(cfg)
         tokenizer_dir = os.path.join(cfg.output_dir, "tokenizer")
         if (reuse_tokenizer or not is_main) and os.path.exists(os.path.join(tokenizer_dir, "lmdist_tokenizer.json")):
             tokenizer = load_tokenizer(tokenizer_dir)  # the one the main process just trained and saved
@@ -72,10 +77,10 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
                                         cfg.vocab_size, cfg.min_freq)
             if is_main:
                 tokenizer.save(tokenizer_dir)
-        train = TokenStream(tokenize(train_rows, tokenizer, cfg.text_column))
+        train = None if train_rows is None else TokenStream(tokenize(train_rows, tokenizer, cfg.text_column))
         val = TokenStream(tokenize(val_rows, tokenizer, cfg.text_column))
         for name, stream in (("training", train), ("validation", val)):
-            if stream.n_tokens < 2:
+            if stream is not None and stream.n_tokens < 2:
                 raise DataError(f"the {name} split of {cfg.dataset!r} has {stream.n_tokens} tokens: not enough text")
         return Corpus(train, val, tokenizer, _fingerprint(source, tokenizer, train, val), source)
 
@@ -94,9 +99,9 @@ def quiet_progress_bars(is_main: bool) -> None:
 
 def check_source(spec: str) -> None:
     """Fail fast on a local path that is missing or empty (hub names are checked when loaded)."""
-    if spec == "builtin" or not _looks_local(spec):
+    if spec == "builtin" or not looks_local(spec):
         return
-    files = _data_files(spec)
+    files = data_files(spec)
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
         raise DataError(f"dataset file {empty[0]} is empty")
@@ -145,8 +150,8 @@ def load_dataset_dict(spec: str, cfg: TrainConfig):
     if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, m)) for m in SAVED_DATASET_MARKERS):
         loaded = datasets.load_from_disk(spec)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-    if _looks_local(spec):
-        files = _data_files(spec)
+    if looks_local(spec):
+        files = data_files(spec)
         builders = {BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
         if len(builders) > 1:
             raise DataError(f"{spec!r} mixes file types ({', '.join(sorted(builders))}); use one type per dataset")
@@ -159,12 +164,12 @@ def load_dataset_dict(spec: str, cfg: TrainConfig):
                         "network, or pass a local file or folder") from None
 
 
-def _looks_local(spec: str) -> bool:
+def looks_local(spec: str) -> bool:
     return (os.path.exists(spec) or glob.has_magic(spec) or spec.startswith((".", "/", "~"))
             or os.path.splitext(spec)[1].lower() in BUILDERS)
 
 
-def _data_files(spec: str) -> list[str]:
+def data_files(spec: str) -> list[str]:
     """The data files a local spec names: one file, a folder's files, or a glob's matches."""
     spec = os.path.expanduser(spec)
     if os.path.isfile(spec):
@@ -305,7 +310,12 @@ class EpochPermutation(Sampler[int]):
 
 
 def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    """Begin `epoch`'s shuffle on a (prepared) training loader, leaving out its first `skip_batches` global batches."""
+    """Begin `epoch`'s shuffle on a (prepared) training loader, leaving out its first `skip_batches` global batches.
+
+    A stream has no epochs to begin: its position is restored with its own state.
+    """
+    if not hasattr(loader, "set_epoch"):
+        return
     loader.set_epoch(epoch)
     sampler = loader
     while not isinstance(sampler, EpochPermutation):  # through Accelerate's wrappers to ours
@@ -354,10 +364,11 @@ def _private_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _fingerprint(source: dict, tokenizer: Tokenizer, train: TokenStream, val: TokenStream) -> str:
+def _fingerprint(source: dict, tokenizer: Tokenizer, train: TokenStream | None, val: TokenStream) -> str:
     """Identifies data + tokenizer: the source, the vocabulary, the token counts and the streams' ends."""
     digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode())
-    digest.update(f"{tokenizer.kind}:{tokenizer.vocab_size}:{train.n_tokens}:{val.n_tokens}".encode())
-    for stream in (train, val):
+    streams = [s for s in (train, val) if s is not None]
+    digest.update(f"{tokenizer.kind}:{tokenizer.vocab_size}:{[s.n_tokens for s in streams]}".encode())
+    for stream in streams:
         digest.update(stream.sample().astype(np.int64).tobytes())
     return digest.hexdigest()[:16]

@@ -37,6 +37,12 @@ class Plan:
         return cls(world_size, n_sequences, steps_per_epoch, min(total, cfg.max_steps or total),
                    per_step * cfg.block_size, n_sequences - steps_per_epoch * per_step)
 
+    @classmethod
+    def for_stream(cls, cfg: TrainConfig, world_size: int) -> Plan:
+        """A stream has no epochs: the run is max_steps long, and `epoch` reports the fraction done."""
+        per_step = world_size * cfg.batch_size * cfg.grad_accum
+        return cls(world_size, 0, cfg.max_steps, cfg.max_steps, per_step * cfg.block_size, 0)
+
     def epoch_of(self, step: int) -> float:
         """Fractional epochs completed after `step` optimizer steps."""
         return step / self.steps_per_epoch

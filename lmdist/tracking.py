@@ -188,7 +188,7 @@ def run_facts(accelerator, plan: Plan, corpus: Corpus, parameters: int) -> dict:
         "vocab_size": corpus.tokenizer.vocab_size,
         "data_fingerprint": corpus.fingerprint,
         "data_source": corpus.source,
-        "train_tokens": corpus.train.n_tokens,
+        "train_tokens": corpus.train.n_tokens if corpus.train else None,  # None: streamed
         "val_tokens": corpus.val.n_tokens,
         "steps_per_epoch": plan.steps_per_epoch,
         "total_steps": plan.total_steps,
