@@ -58,14 +58,15 @@ def main(argv: list[str]) -> None:
     if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
         checkpoint.load_weights(model, os.path.join(cfg.init_from, "model.safetensors"))
     n_params = count_parameters(model)
+    model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it
     optimizer = engine.build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
     if cfg.streaming:
-        model, optimizer, val_loader, scheduler = accelerator.prepare(model, optimizer, val_loader, scheduler)
+        model, optimizer, val_loader, scheduler = engine.prepare(accelerator, model, optimizer, val_loader, scheduler)
         train_loader = streaming.StreamLoader(train_set, cfg.batch_size, accelerator.device)
     else:
-        model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-            model, optimizer, train_loader, val_loader, scheduler)
+        model, optimizer, train_loader, val_loader, scheduler = engine.prepare(
+            accelerator, model, optimizer, train_loader, val_loader, scheduler)
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 
     train_meter, throughput = TokenMeter(accelerator.device), Throughput(plan.tokens_per_step)
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> None:
         log.checkpoint_saved(path, seconds)
         return path
 
-    with tracking.RunLog(accelerator, cfg, tracking.run_facts(accelerator, plan, corpus, n_params), run_id,
+    with tracking.RunLog(accelerator, cfg, tracking.run_facts(accelerator, plan, corpus, model, n_params), run_id,
                          resumed=progress if resume else None) as log:
         log.print_plan(plan, corpus, n_params)
         if resume:
@@ -108,7 +109,7 @@ def main(argv: list[str]) -> None:
                     accelerator.backward(loss)
                     guard.watch(loss)
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                        grad_norm = engine.clip_gradients(accelerator, model, cfg.grad_clip or math.inf)
                         verdict = guard.check(grad_norm)  # every rank's signals and NaNs: the one sync per step
                         if verdict.nonfinite:
                             raise nonfinite_error(verdict.nonfinite, progress.step + 1)

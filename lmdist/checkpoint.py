@@ -34,6 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from lmdist import sharding
 from lmdist.config import TrainConfig
 from lmdist.errors import ConfigError, LmdistError
 
@@ -76,6 +77,7 @@ class Resume:
     config: dict
     data_fingerprint: str
     world_size: int  # processes that saved it
+    sharded: bool = False  # saved by a model lmdist sharded with FSDP on CPU
     resumed_by: int | None = None  # processes that resume it (set by adapt_to_world_size)
 
 
@@ -95,18 +97,20 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
     if os.path.exists(os.path.join(path, MANIFEST)):
         return 0.0  # this very state is saved already (a stop request right after resuming from it)
     os.makedirs(path, exist_ok=True)
-    state = accelerator.get_state_dict(model)  # every rank takes part (FSDP gathers); rank zero gets it all
+    state = gather_weights(accelerator, model)  # every rank takes part (shards are gathered)
+    optimizer_state = (sharding.full_optimizer_state(model, optimizer) if sharding.is_sharded(model)
+                       else optimizer.state_dict())
     written = [_save_torch({"rng": _rng_state(), **rank_state}, path, f"rank_{accelerator.process_index:05d}.pt")]
     if accelerator.is_main_process:
         save_file(without_tied_copies(state), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         written.append(os.path.join(path, "model.safetensors"))
-        written.append(_save_torch(optimizer.state_dict(), path, "optimizer.pt"))
+        written.append(_save_torch(optimizer_state, path, "optimizer.pt"))
         written.append(_save_torch(scheduler.state_dict(), path, "scheduler.pt"))
         if accelerator.scaler is not None:  # fp16's loss scale
             written.append(_save_torch(accelerator.scaler.state_dict(), path, "scaler.pt"))
         trainer_state = {"progress": asdict(progress), "run_id": run_id, "config": cfg.to_dict(),
                          "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
-                         "val_loss": val_loss}
+                         "sharded": sharding.is_sharded(model), "val_loss": val_loss}
         written.append(_write_json(os.path.join(path, STATE), trainer_state))
     for file in written:
         _fsync(file)
@@ -238,8 +242,15 @@ def check_same_data(resume: Resume, data_fingerprint: str) -> None:
 
 def load(accelerator, resume: Resume, *, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns this rank's saved extra state."""
-    load_weights(accelerator.unwrap_model(model), os.path.join(resume.path, "model.safetensors"))
-    optimizer.load_state_dict(_load_torch(resume.path, "optimizer.pt"))
+    if resume.sharded != sharding.is_sharded(model):
+        raise CheckpointError(f"{resume.path} was saved {'with' if resume.sharded else 'without'} FSDP; relaunch "
+                              "with the accelerate config it was saved with")
+    if sharding.is_sharded(model):  # every rank reads the full state and keeps its shards
+        weights = _with_tied_copies(model, load_file(os.path.join(resume.path, "model.safetensors")))
+        sharding.load_full_state(model, optimizer, weights, _load_torch(resume.path, "optimizer.pt"))
+    else:
+        load_weights(accelerator.unwrap_model(model), os.path.join(resume.path, "model.safetensors"))
+        optimizer.load_state_dict(_load_torch(resume.path, "optimizer.pt"))
     scheduler.load_state_dict(_load_torch(resume.path, "scheduler.pt"))
     if accelerator.scaler is not None and os.path.exists(os.path.join(resume.path, "scaler.pt")):
         accelerator.scaler.load_state_dict(_load_torch(resume.path, "scaler.pt"))
@@ -263,6 +274,24 @@ def load_weights(module: torch.nn.Module, file: str) -> None:
     if unexpected or set(missing) - _tied_aliases(module):
         raise CheckpointError(f"{file} does not fit this model: missing {sorted(set(missing) - _tied_aliases(module))}"
                               f", unexpected {sorted(unexpected)}")
+
+
+def gather_weights(accelerator, model) -> dict:
+    """The model's full weights (a collective for sharded models: call on every rank)."""
+    if not sharding.is_sharded(model):
+        return accelerator.get_state_dict(model)
+    aliases = _tied_aliases(model)  # gathered copies of tied weights no longer share memory: drop them by name
+    return {name: tensor for name, tensor in sharding.full_model_state(model).items() if name not in aliases}
+
+
+def _with_tied_copies(module: torch.nn.Module, state: dict) -> dict:
+    """`state` plus the tied aliases that without_tied_copies left out."""
+    first = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        first.setdefault(id(parameter), name)
+        if name not in state and first[id(parameter)] in state:
+            state[name] = state[first[id(parameter)]]
+    return state
 
 
 def without_tied_copies(state: dict) -> dict:
@@ -306,7 +335,7 @@ def _resume_from(path: str) -> Resume:
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
     return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"],
-                  state["world_size"])
+                  state["world_size"], state.get("sharded", False))
 
 
 def _recorded_val_loss(path: str) -> float | None:

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 
+from lmdist import sharding
 from lmdist.config import TrainConfig
 from lmdist.errors import ConfigError, LaunchError, LmdistError
 
@@ -25,10 +26,6 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
     """An Accelerator for this launch: CPU/gloo without an accelerator, the launcher's world size verified."""
     check_launcher_env()
     cpu = not has_accelerator()
-    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise ConfigError("FSDP was asked for (accelerate config or --use_fsdp) on a machine without GPUs: "
-                          "Accelerate would silently train DDP instead, and lmdist does not shard on CPU yet; "
-                          "use accelerate_configs/cpu.yaml here")
     if cpu:
         join_restarted_cpu_group()
     try:
@@ -51,6 +48,25 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
                           "(torchrun: ACCELERATE_MIXED_PRECISION=bf16) or without mixed precision")
     torch.set_num_threads(threads_per_process(cfg))
     return accelerator
+
+
+def shard_if_asked(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """FSDP2 on CPU when an FSDP config meets a machine without GPUs (Accelerate would train DDP instead)."""
+    if sharding.cpu_fsdp_requested(accelerator.device.type == "cpu") and accelerator.num_processes > 1:
+        return sharding.shard(model)
+    return model
+
+
+def prepare(accelerator: Accelerator, model: torch.nn.Module, *objects):
+    """`accelerator.prepare`, except that a model lmdist sharded itself is not wrapped in DDP."""
+    if sharding.is_sharded(model):
+        return (model, *accelerator.prepare(*objects))
+    return accelerator.prepare(model, *objects)
+
+
+def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (math.inf: only measure it); returns the norm before clipping."""
+    return sharding.plain(accelerator.clip_grad_norm_(model.parameters(), max_norm))
 
 
 def has_accelerator() -> bool:

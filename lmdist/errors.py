@@ -39,6 +39,7 @@ def run_cli(main: Callable[[], object]) -> None:
     """
     try:
         main()
+        _close_process_group()
     except LmdistError as error:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""

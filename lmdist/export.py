@@ -12,7 +12,7 @@ import shutil
 
 from safetensors.torch import save_file
 
-from lmdist.checkpoint import without_tied_copies
+from lmdist.checkpoint import gather_weights, without_tied_copies
 from lmdist.config import TrainConfig
 
 MODEL_FIELDS = {
@@ -24,7 +24,7 @@ MODEL_FIELDS = {
 def save_final(accelerator, model, cfg: TrainConfig, vocab_size: int) -> str:
     """Gather the full weights and write `<output_dir>/final/`; returns its path. Call on every rank."""
     final_dir = os.path.join(cfg.output_dir, "final")
-    state = accelerator.get_state_dict(model)  # the full weights, gathered on rank zero
+    state = gather_weights(accelerator, model)  # the full weights (shards gathered)
     if accelerator.is_main_process:
         os.makedirs(final_dir, exist_ok=True)
         save_file(without_tied_copies(state), os.path.join(final_dir, "model.safetensors"), metadata={"format": "pt"})

@@ -22,6 +22,7 @@ from lmdist.checkpoint import SIGNAL_LEAD_S
 from lmdist.config import TrainConfig
 from lmdist.data import Corpus
 from lmdist.schedule import Plan
+from lmdist.sharding import is_sharded, local_parameters
 
 
 class JsonlTracker(GeneralTracker):
@@ -158,7 +159,7 @@ def _run_name(cfg: TrainConfig) -> str:
 
 # ----------------------------------------------------------------------------- run records
 
-def run_facts(accelerator, plan: Plan, corpus: Corpus, parameters: int) -> dict:
+def run_facts(accelerator, plan: Plan, corpus: Corpus, model, parameters: int) -> dict:
     """The facts of this launch for run.json and W&B (not settings: those are in config.yaml)."""
     import accelerate
     import datasets
@@ -169,7 +170,7 @@ def run_facts(accelerator, plan: Plan, corpus: Corpus, parameters: int) -> dict:
 
     return {
         "world_size": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "distributed_type": "FSDP" if is_sharded(model) else str(accelerator.distributed_type).split(".")[-1],
         "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),
         "device_name": (torch.cuda.get_device_name() if accelerator.device.type == "cuda"
@@ -185,6 +186,7 @@ def run_facts(accelerator, plan: Plan, corpus: Corpus, parameters: int) -> dict:
                      "wandb": wandb.__version__, "lmdist": lmdist.__version__},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": parameters,
+        "parameters_on_rank0": local_parameters(model),  # its shards, under FSDP
         "vocab_size": corpus.tokenizer.vocab_size,
         "data_fingerprint": corpus.fingerprint,
         "data_source": corpus.source,

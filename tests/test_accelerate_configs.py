@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_GPT, equivalence_args, free_port, read_metrics, read_run
+from tests.conftest import REPO, TINY_GPT, equivalence_args, final_weights, free_port, read_metrics, read_run
 
 pytestmark = pytest.mark.launch
 CONFIGS = REPO / "accelerate_configs"
@@ -50,7 +50,20 @@ def test_multi_node_template_as_two_machines_trains_the_single_node_model(equiva
     assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want)
 
 
-def test_fsdp_config_is_refused_on_cpu_instead_of_silently_becoming_ddp(tmp_path):
+def test_fsdp_config_shards_on_cpu_and_trains_the_ddp_model(equivalence_runs, markov_files, tmp_path):
+    """fsdp.yaml on 2 CPU ranks: FSDP2 shards (each rank holds half the parameters), the same per-step losses as
+    DDP, and a final export equal to DDP's."""
+    out = tmp_path / "out"
+    args = [*equivalence_args(markov_files), "--batch_size", "4", "--output_dir", str(out)]
     _, stderr, code = accelerate("fsdp.yaml", "--num_processes", "2", "--main_process_port", str(free_port()),
-                                 train_args=["--max_steps", "1", "--output_dir", str(tmp_path / "out")], cwd=tmp_path)
-    assert code != 0 and stderr.count("FSDP was asked for") == 2 and "engine.py" not in stderr
+                                 "--mixed_precision", "no", train_args=args, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    facts = read_run(out)
+    assert (facts["distributed_type"], facts["world_size"]) == ("FSDP", 2)
+    assert abs(facts["parameters_on_rank0"] - facts["parameters"] / 2) <= 0.05 * facts["parameters"]
+    ddp = equivalence_runs["torchrun_b4"]
+    got = {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
+    want = {r["step"]: r["train/loss"] for r in read_metrics(ddp) if "train/loss" in r}
+    assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-5 * want[s] for s in want)
+    a, b = final_weights(out), final_weights(ddp)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).norm() <= 1e-5 * b[k].norm() for k in b)

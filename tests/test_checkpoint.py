@@ -463,3 +463,19 @@ def test_keep_best_evaluates_every_checkpoint_and_keeps_the_lowest(markov_files,
     kept = {step for step, _ in checkpoint._step_folders(str(out / "checkpoints"))}
     assert best != 6, f"the test needs a run whose best checkpoint is not the newest: {val}"
     assert kept == {6, best}
+
+
+def test_exact_resume_under_fsdp_on_cpu(resume_data, tmp_path):
+    """The interrupted-and-relaunched FSDP run is the uninterrupted FSDP run, bitwise (dropout 0.1)."""
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block,LSTM"}
+    straight = tmp_path / "straight"
+    run_ok(args_for(resume_data, straight), cwd=tmp_path, nproc=2, launcher="torchrun", env=fsdp)
+    assert read_run(straight)["distributed_type"] == "FSDP"
+    out = tmp_path / "run"
+    process = start(args_for(resume_data, out), tmp_path, fsdp)
+    wait_for_step(out, 12, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "lmdist: stopped" in stderr, stderr[-3000:]
+    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", env=fsdp)
+    assert assert_same_as_reference(out, straight) > 0

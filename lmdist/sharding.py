@@ -1,0 +1,78 @@
+"""FSDP on CPU: torch's FSDP2 `fully_shard` over gloo, where Accelerate would silently fall back to DDP.
+
+Accelerate routes FSDP only to accelerator devices. When an FSDP config (`ACCELERATE_USE_FSDP=true`)
+meets a machine without GPUs, lmdist shards the model itself: one FSDP unit per module class named in
+the config's `fsdp_transformer_layer_cls_to_wrap` (a GPT `Block`, an `nn.LSTM` layer), then the root.
+Everything else -- optimizer, scheduler, loaders, accumulation, metrics -- stays on the shared path;
+only the model skips `accelerator.prepare` (which would wrap it in DDP), and its state dicts are
+gathered with `torch.distributed.checkpoint.state_dict`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+DEFAULT_UNITS = ("Block", "LSTM")
+
+
+def cpu_fsdp_requested(cpu: bool) -> bool:
+    return cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Apply fully_shard to each unit module, then to the root (parameters become DTensor shards)."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or ",".join(DEFAULT_UNITS)
+    names = {name.strip() for name in units.split(",")}
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in names:
+            fully_shard(module, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_parameters(model: nn.Module) -> int:
+    """Parameters this rank holds (its shards, for a sharded model)."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The full state dict on every rank (a collective: call it on all ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, _unwrapped(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Shard full state dicts (present on every rank) into the sharded model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, _unwrapped(optimizer), optimizer_state, options=options)
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (e.g. a sharded model's gradient norm) as an ordinary tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _unwrapped(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
