@@ -77,7 +77,6 @@ class Resume:
     config: dict
     data_fingerprint: str
     world_size: int  # processes that saved it
-    sharded: bool = False  # saved by a model lmdist sharded with FSDP on CPU
     resumed_by: int | None = None  # processes that resume it (set by adapt_to_world_size)
 
 
@@ -98,8 +97,8 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
         return 0.0  # this very state is saved already (a stop request right after resuming from it)
     os.makedirs(path, exist_ok=True)
     state = gather_weights(accelerator, model)  # every rank takes part (shards are gathered)
-    optimizer_state = (sharding.full_optimizer_state(model, optimizer) if sharding.is_sharded(model)
-                       else optimizer.state_dict())
+    # keyed by parameter name, whole: loadable with or without FSDP, on any number of processes
+    optimizer_state = sharding.full_optimizer_state(_training_module(accelerator, model), optimizer)
     written = [_save_torch({"rng": _rng_state(), **rank_state}, path, f"rank_{accelerator.process_index:05d}.pt")]
     if accelerator.is_main_process:
         save_file(without_tied_copies(state), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -110,7 +109,7 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
             written.append(_save_torch(accelerator.scaler.state_dict(), path, "scaler.pt"))
         trainer_state = {"progress": asdict(progress), "run_id": run_id, "config": cfg.to_dict(),
                          "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
-                         "sharded": sharding.is_sharded(model), "val_loss": val_loss}
+                         "sharded": sharding.is_sharded(model), "val_loss": val_loss}  # sharded: for the record
         written.append(_write_json(os.path.join(path, STATE), trainer_state))
     for file in written:
         _fsync(file)
@@ -242,15 +241,10 @@ def check_same_data(resume: Resume, data_fingerprint: str) -> None:
 
 def load(accelerator, resume: Resume, *, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns this rank's saved extra state."""
-    if resume.sharded != sharding.is_sharded(model):
-        raise CheckpointError(f"{resume.path} was saved {'with' if resume.sharded else 'without'} FSDP; relaunch "
-                              "with the accelerate config it was saved with")
-    if sharding.is_sharded(model):  # every rank reads the full state and keeps its shards
-        weights = _with_tied_copies(model, load_file(os.path.join(resume.path, "model.safetensors")))
-        sharding.load_full_state(model, optimizer, weights, _load_torch(resume.path, "optimizer.pt"))
-    else:
-        load_weights(accelerator.unwrap_model(model), os.path.join(resume.path, "model.safetensors"))
-        optimizer.load_state_dict(_load_torch(resume.path, "optimizer.pt"))
+    # Every rank reads the full state and keeps what it holds (its shards under FSDP).
+    module = _training_module(accelerator, model)
+    weights = _with_tied_copies(module, load_file(os.path.join(resume.path, "model.safetensors")))
+    sharding.load_full_state(module, optimizer, weights, _load_torch(resume.path, "optimizer.pt"))
     scheduler.load_state_dict(_load_torch(resume.path, "scheduler.pt"))
     if accelerator.scaler is not None and os.path.exists(os.path.join(resume.path, "scaler.pt")):
         accelerator.scaler.load_state_dict(_load_torch(resume.path, "scaler.pt"))
@@ -274,6 +268,11 @@ def load_weights(module: torch.nn.Module, file: str) -> None:
     if unexpected or set(missing) - _tied_aliases(module):
         raise CheckpointError(f"{file} does not fit this model: missing {sorted(set(missing) - _tied_aliases(module))}"
                               f", unexpected {sorted(unexpected)}")
+
+
+def _training_module(accelerator, model) -> torch.nn.Module:
+    """The module whose parameters the optimizer holds: the sharded model itself, or the model inside DDP."""
+    return model if sharding.is_sharded(model) else accelerator.unwrap_model(model)
 
 
 def gather_weights(accelerator, model) -> dict:
@@ -335,7 +334,7 @@ def _resume_from(path: str) -> Resume:
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
     return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"],
-                  state["world_size"], state.get("sharded", False))
+                  state["world_size"])
 
 
 def _recorded_val_loss(path: str) -> float | None:

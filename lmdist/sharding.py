@@ -28,11 +28,24 @@ def shard(model: nn.Module) -> nn.Module:
     units = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or ",".join(DEFAULT_UNITS)
     names = {name.strip() for name in units.split(",")}
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    recompute = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
     for module in list(model.modules())[1:]:
         if type(module).__name__ in names:
+            if recompute:  # keep no activations inside the unit; recompute them in backward
+                module.forward = _recomputed(module.forward)
             fully_shard(module, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
     return model
+
+
+def _recomputed(forward):
+    """`forward` under activation checkpointing (parameter names stay as they are, unlike checkpoint_wrapper)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -41,9 +54,10 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def local_parameters(model: nn.Module) -> int:
-    """Parameters this rank holds (its shards, for a sharded model)."""
-    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+def local_parameters(accelerator, model: nn.Module) -> list[int]:
+    """Parameters each rank holds (its shards, for a sharded model); a collective."""
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    return accelerator.gather(torch.tensor([held], device=accelerator.device)).tolist()
 
 
 def full_model_state(model: nn.Module) -> dict:

@@ -186,7 +186,7 @@ def run_facts(accelerator, plan: Plan, corpus: Corpus, model, parameters: int) -
                      "wandb": wandb.__version__, "lmdist": lmdist.__version__},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": parameters,
-        "parameters_on_rank0": local_parameters(model),  # its shards, under FSDP
+        "parameters_per_rank": local_parameters(accelerator, model),  # their shards, under FSDP
         "vocab_size": corpus.tokenizer.vocab_size,
         "data_fingerprint": corpus.fingerprint,
         "data_source": corpus.source,

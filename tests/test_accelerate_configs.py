@@ -60,10 +60,23 @@ def test_fsdp_config_shards_on_cpu_and_trains_the_ddp_model(equivalence_runs, ma
     assert code == 0, stderr[-3000:]
     facts = read_run(out)
     assert (facts["distributed_type"], facts["world_size"]) == ("FSDP", 2)
-    assert abs(facts["parameters_on_rank0"] - facts["parameters"] / 2) <= 0.05 * facts["parameters"]
+    held = facts["parameters_per_rank"]
+    assert len(held) == 2 and all(abs(h - facts["parameters"] / 2) <= 0.05 * facts["parameters"] for h in held)
     ddp = equivalence_runs["torchrun_b4"]
     got = {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
     want = {r["step"]: r["train/loss"] for r in read_metrics(ddp) if "train/loss" in r}
     assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-5 * want[s] for s in want)
     a, b = final_weights(out), final_weights(ddp)
     assert a.keys() == b.keys() and all((a[k] - b[k]).norm() <= 1e-5 * b[k].norm() for k in b)
+
+
+def test_fsdp_activation_checkpointing_changes_memory_not_results(equivalence_runs, markov_files, tmp_path):
+    out = tmp_path / "out"
+    args = [*equivalence_args(markov_files), "--batch_size", "4", "--max_steps", "4", "--output_dir", str(out)]
+    _, stderr, code = accelerate("fsdp.yaml", "--num_processes", "2", "--main_process_port", str(free_port()),
+                                 "--mixed_precision", "no", "--fsdp_activation_checkpointing", "true",
+                                 train_args=args, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    got = {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
+    want = {r["step"]: r["train/loss"] for r in read_metrics(equivalence_runs["torchrun_b4"]) if "train/loss" in r}
+    assert sorted(got) == [1, 2, 3, 4] and all(abs(got[s] - want[s]) <= 1e-5 * want[s] for s in got)

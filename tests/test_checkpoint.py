@@ -424,21 +424,27 @@ def test_fp16_skipped_steps_stop_only_after_many_in_a_row(monkeypatch):
         guard.after_step(skipped)
 
 
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block,LSTM"}
+
+
 @pytest.mark.parametrize("before, after", [(("torchrun", 2, "1"), ("python", 1, "2")),
-                                           (("python", 1, "2"), ("torchrun", 2, "1"))])
+                                           (("python", 1, "2"), ("torchrun", 2, "1")),
+                                           (("torchrun", 2, "1", FSDP), ("python", 1, "2")),
+                                           (("python", 1, "2"), ("torchrun", 2, "1", FSDP))],
+                         ids=["ddp-2-to-1", "1-to-ddp-2", "fsdp-2-to-1", "1-to-fsdp-2"])
 def test_resume_on_another_world_size_keeps_the_global_batch(markov_files, tmp_path, before, after):
-    """2 ranks -> 1 process and 1 -> 2: grad_accum absorbs the change, no sequence is repeated or skipped, and
-    the run ends where the uninterrupted one did (the 2x4 / 1x4x2 equivalence tolerance)."""
-    (launcher, nproc, grad_accum), (new_launcher, new_nproc, new_grad_accum) = before, after
+    """2 ranks -> 1 process and 1 -> 2, with DDP and FSDP: grad_accum absorbs the change, no sequence is
+    repeated or skipped, and the run ends where the uninterrupted one did (the equivalence tolerance)."""
+    (launcher, nproc, grad_accum, *env), (new_launcher, new_nproc, new_grad_accum, *new_env) = before, after
     args = with_flags(equivalence_args(markov_files), "--batch_size", "4", "--save_every", "5", "--keep_last", "5")
     source = tmp_path / "source"
     run_ok(with_flags(args, "--grad_accum", grad_accum, "--output_dir", str(source)), cwd=tmp_path, nproc=nproc,
-           launcher=launcher)
+           launcher=launcher, env=env[0] if env else None)
     moved = tmp_path / "moved"
     shutil.copytree(Path(checkpoint.step_dir(str(source), 10)), Path(checkpoint.step_dir(str(moved), 10)))
     shutil.copytree(source / "tokenizer", moved / "tokenizer")
     result = run_ok(with_flags(args, "--grad_accum", grad_accum, "--output_dir", str(moved)), cwd=tmp_path,
-                    nproc=new_nproc, launcher=new_launcher)
+                    nproc=new_nproc, launcher=new_launcher, env=new_env[0] if new_env else None)
     assert f"grad_accum {grad_accum} -> {new_grad_accum} keeps the global batch of 8 sequences" in result.stdout
     state = json.loads((Path(checkpoint.step_dir(str(moved), 16)) / "trainer_state.json").read_text())
     assert state["world_size"] == new_nproc and state["config"]["grad_accum"] == int(new_grad_accum)
@@ -467,15 +473,14 @@ def test_keep_best_evaluates_every_checkpoint_and_keeps_the_lowest(markov_files,
 
 def test_exact_resume_under_fsdp_on_cpu(resume_data, tmp_path):
     """The interrupted-and-relaunched FSDP run is the uninterrupted FSDP run, bitwise (dropout 0.1)."""
-    fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block,LSTM"}
     straight = tmp_path / "straight"
-    run_ok(args_for(resume_data, straight), cwd=tmp_path, nproc=2, launcher="torchrun", env=fsdp)
+    run_ok(args_for(resume_data, straight), cwd=tmp_path, nproc=2, launcher="torchrun", env=FSDP)
     assert read_run(straight)["distributed_type"] == "FSDP"
     out = tmp_path / "run"
-    process = start(args_for(resume_data, out), tmp_path, fsdp)
+    process = start(args_for(resume_data, out), tmp_path, FSDP)
     wait_for_step(out, 12, process)
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert "lmdist: stopped" in stderr, stderr[-3000:]
-    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", env=fsdp)
+    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", env=FSDP)
     assert assert_same_as_reference(out, straight) > 0
