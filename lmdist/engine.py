@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from lmdist import sharding
 from lmdist.config import TrainConfig
@@ -31,6 +32,7 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
     try:
         accelerator = Accelerator(
             cpu=cpu,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())],
             gradient_accumulation_steps=cfg.grad_accum,
             # Batches are drawn globally and split: N ranks x b see what 1 process x N*b sees,
             # and the LR scheduler steps once per optimizer step whatever the world size.
@@ -104,7 +106,13 @@ def join_restarted_cpu_group() -> None:
         return
     store, rank, world_size = next(dist.rendezvous("env://"))
     dist.init_process_group("gloo", store=dist.PrefixStore(f"lmdist/attempt_{attempt}", store), rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, timeout=collective_timeout())
+
+
+def collective_timeout() -> timedelta:
+    """How long a rank waits in a collective for the others: LMDIST_COLLECTIVE_TIMEOUT seconds (default 1800,
+    torch's own). A hung rank then fails the job instead of holding it to its time limit."""
+    return timedelta(seconds=float(os.environ.get("LMDIST_COLLECTIVE_TIMEOUT", "1800")))
 
 
 def check_world_size(accelerate_world: int) -> None:

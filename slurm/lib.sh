@@ -16,6 +16,8 @@ lmdist_setup() {
   export MASTER_ADDR
   MASTER_ADDR=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
   export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+  # A rank that hangs (rather than exits) fails the job after this many seconds in a collective.
+  export LMDIST_COLLECTIVE_TIMEOUT=${LMDIST_COLLECTIVE_TIMEOUT:-900}
   # srun stopped inheriting --cpus-per-task in Slurm 22.05: pass the allocation on explicitly.
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   # The same output_dir for every requeue of this job, unless the arguments name one.

@@ -6,7 +6,17 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_GPT, equivalence_args, final_weights, free_port, read_metrics, read_run
+from tests.conftest import (
+    REPO,
+    TINY_GPT,
+    equivalence_args,
+    final_weights,
+    free_port,
+    read_metrics,
+    read_run,
+    run_ok,
+    with_flags,
+)
 
 pytestmark = pytest.mark.launch
 CONFIGS = REPO / "accelerate_configs"
@@ -80,3 +90,19 @@ def test_fsdp_activation_checkpointing_changes_memory_not_results(equivalence_ru
     got = {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
     want = {r["step"]: r["train/loss"] for r in read_metrics(equivalence_runs["torchrun_b4"]) if "train/loss" in r}
     assert sorted(got) == [1, 2, 3, 4] and all(abs(got[s] - want[s]) <= 1e-5 * want[s] for s in got)
+
+
+def test_fsdp_trains_the_lstm_like_ddp(markov_files, tmp_path):
+    """Each nn.LSTM layer is an FSDP unit: FSDP's per-step losses equal DDP's for the lesson's model too."""
+    lstm = ["--model", "lstm", "--embedding_dim", "16", "--hidden_dim", "16", "--num_layers", "2"]
+    args = with_flags(equivalence_args(markov_files), *lstm, "--batch_size", "4", "--max_steps", "6")
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    run_ok(with_flags(args, "--output_dir", str(ddp)), cwd=tmp_path, nproc=2, launcher="torchrun")
+    _, stderr, code = accelerate("fsdp.yaml", "--num_processes", "2", "--main_process_port", str(free_port()),
+                                 "--mixed_precision", "no", train_args=with_flags(args, "--output_dir", str(fsdp)),
+                                 cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert read_run(fsdp)["distributed_type"] == "FSDP"
+    got = {r["step"]: r["train/loss"] for r in read_metrics(fsdp) if "train/loss" in r}
+    want = {r["step"]: r["train/loss"] for r in read_metrics(ddp) if "train/loss" in r}
+    assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-5 * want[s] for s in want)

@@ -185,3 +185,25 @@ def test_console_is_a_progress_bar_on_a_terminal_and_plain_lines_otherwise(equiv
     text = output.decode(errors="replace")
     assert re.search(r"\| 3/3 \[[0-9:<]+, +[0-9.]+(step/s|s/step)", text), text[-2000:]  # tqdm's bar
     assert not re.search(r"\| 3/3 \[", plain)
+
+
+def test_a_hung_rank_fails_the_run_after_the_collective_timeout(markov_files, tmp_path):
+    """Rank 1 hangs before a collective: rank 0 gives up after LMDIST_COLLECTIVE_TIMEOUT, and the launcher ends
+    the run -- instead of everyone waiting for the job's time limit."""
+    wrapper = tmp_path / "hang.py"
+    wrapper.write_text(
+        "import os, runpy, sys, time\nimport lmdist.data\n"
+        "load = lmdist.data.load_corpus\n"
+        "def hanging_load(*a, **k):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        time.sleep(600)\n"
+        "    return load(*a, **k)\n"
+        "lmdist.data.load_corpus = hanging_load\n"
+        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    import time
+
+    started = time.time()
+    result = launch([*TINY_GPT, "--dataset", str(markov_files["short"]), "--output_dir", str(tmp_path / "o")],
+                    cwd=tmp_path, nproc=2, launcher="torchrun", script=wrapper, timeout=300,
+                    env={"LMDIST_COLLECTIVE_TIMEOUT": "15"})
+    assert result.returncode != 0 and time.time() - started < 120
