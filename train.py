@@ -14,9 +14,9 @@ import sys
 
 import torch.nn.functional as F
 
-from lmdist import checkpoint, config, data, engine, export, streaming, tracking
+from lmdist import checkpoint, config, data, engine, export, perf, streaming, tracking
 from lmdist.errors import run_cli
-from lmdist.metrics import Throughput, TokenMeter, evaluate
+from lmdist.metrics import TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
 from lmdist.schedule import Plan, build_scheduler, lr_at
 from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_job
@@ -42,8 +42,9 @@ def main(argv: list[str]) -> None:
                               accelerator.is_main_process, reuse_tokenizer=resume is not None)
     if resume:
         checkpoint.check_same_data(resume, corpus.fingerprint)
+    workers = engine.dataloader_workers(cfg, accelerator.device)
     val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
-    val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator.num_processes, cfg.eval_batches)
+    val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator.num_processes, cfg.eval_batches, workers)
     if cfg.streaming:  # each rank reads its own part of the stream, packed on the fly
         stream = streaming.open_stream(cfg, accelerator.process_index, accelerator.num_processes)
         train_set = streaming.StreamedSequences(stream, corpus.tokenizer, cfg.text_column, cfg.block_size)
@@ -52,13 +53,14 @@ def main(argv: list[str]) -> None:
         train_set = data.PackedSequences(corpus.train, cfg.block_size, keep_partial=False)
         plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
         train_loader = data.train_loader(train_set, cfg.batch_size, accelerator.num_processes, cfg.grad_accum,
-                                         cfg.seed)
+                                         cfg.seed, workers)
 
     model = build_model(cfg, corpus.tokenizer.vocab_size)
     if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
         checkpoint.load_weights(model, os.path.join(cfg.init_from, "model.safetensors"))
-    n_params = count_parameters(model)
+    n_params, flops_per_token = count_parameters(model), model.flops_per_token()
     model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it
+    model = engine.compile_if_asked(model, cfg, accelerator.device)
     optimizer = engine.build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
     if cfg.streaming:
@@ -69,7 +71,9 @@ def main(argv: list[str]) -> None:
             accelerator, model, optimizer, train_loader, val_loader, scheduler)
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 
-    train_meter, throughput = TokenMeter(accelerator.device), Throughput(plan.tokens_per_step)
+    train_meter = TokenMeter(accelerator.device)
+    peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)  # for mfu
+    throughput = perf.Throughput(plan.tokens_per_step, flops_per_token, peak, accelerator.num_processes)
     progress, run_id = checkpoint.Progress(), tracking.new_run_id()
     if resume:  # model, optimizer, scheduler, RNG, unlogged metric sums and stream position, exactly as saved
         rank_state = checkpoint.load(accelerator, resume, model=model, optimizer=optimizer, scheduler=scheduler)
@@ -90,8 +94,8 @@ def main(argv: list[str]) -> None:
         log.checkpoint_saved(path, seconds)
         return path
 
-    with tracking.RunLog(accelerator, cfg, tracking.run_facts(accelerator, plan, corpus, model, n_params), run_id,
-                         resumed=progress if resume else None) as log:
+    facts = {**tracking.run_facts(accelerator, plan, corpus, model, n_params), **throughput.facts()}
+    with tracking.RunLog(accelerator, cfg, facts, run_id, resumed=progress if resume else None) as log:
         log.print_plan(plan, corpus, n_params)
         if resume:
             log.print(f"resumed from {resume.path}: step {progress.step}, epoch {progress.epoch}, "
@@ -102,7 +106,7 @@ def main(argv: list[str]) -> None:
             skip = progress.batches_in_epoch if epoch == progress.epoch else 0
             data.start_epoch(train_loader, epoch, skip)
             progress.epoch, progress.batches_in_epoch = epoch, skip
-            for inputs, targets in train_loader:
+            for inputs, targets in throughput.timed(train_loader):  # timed: the wait for each batch
                 with accelerator.accumulate(model):
                     logits = model(inputs)
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -131,7 +135,8 @@ def main(argv: list[str]) -> None:
                 row = {}
                 if progress.step % cfg.log_every == 0 or last:
                     row.update(train_meter.compute(accelerator, "train"), grad_norm=grad_norm.item(),
-                               lr=lr_at(progress.step - 1, cfg, plan.total_steps), tokens_per_sec=throughput.rate())
+                               lr=lr_at(progress.step - 1, cfg, plan.total_steps), **throughput.report(),
+                               **perf.peak_memory(accelerator.device))
                 save_now = progress.step % cfg.save_every == 0 or last or verdict.stop_signal
                 if (progress.step % cfg.eval_every == 0 or progress.step % plan.steps_per_epoch == 0 or last
                         or (save_now and cfg.keep_best)):  # keep_best compares every checkpoint's val/loss

@@ -40,6 +40,7 @@ class TrainConfig:
     n_embd: int = _f(128, "GPT: embedding and residual width", "model")
     dropout: float = _f(0.1, "dropout probability in both models (0 turns it off)", "model")
     block_size: int = _f(128, "tokens per training sequence (the context length)", "model")
+    vocab_multiple: int = _f(1, "round the model's vocabulary (embedding and output rows) up to a multiple of this: 64 suits GPU tensor cores (GPT-2's 50257 -> 50304); the extra rows are never targets and never sampled", "model")
     # data
     dataset: str = _f("builtin", "`builtin` (bundled corpus, no download), a local text/json/jsonl/csv/parquet file, folder or glob, a `save_to_disk` folder, or a hub dataset name", "data")
     dataset_config: str | None = _f(None, "hub dataset configuration name (e.g. `wikitext-2-raw-v1`)", "data")
@@ -66,7 +67,11 @@ class TrainConfig:
     beta2: float = _f(0.99, "Adam beta2", "optimisation")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value on optimizer steps (0 = no clipping)", "optimisation")
     seed: int = _f(1337, "random seed for initialisation, shuffling and dropout", "optimisation")
-    threads: int | None = _f(None, "torch threads per process (default: available cores / processes on this node)", "optimisation")
+    # performance
+    threads: int | None = _f(None, "torch threads per process (default: available cores / processes on this node)", "performance")
+    compile: bool = _f(False, "torch.compile the model: faster steps after a one-off compile (tens of seconds; worth it for long runs, and on GPUs)", "performance")
+    num_workers: int | None = _f(None, "DataLoader worker processes per rank (default: 0 on CPU, where every core trains; 2 per GPU)", "performance")
+    peak_tflops: float | None = _f(None, "peak TFLOP/s of one process, the denominator of `mfu` (default: the GPU's datasheet bf16 rate under bf16/fp16 mixed precision, else a matmul measured at start-up; 0: no mfu)", "performance")
     # evaluation and logging
     eval_every: int = _f(100, "evaluate every this many optimizer steps (also at each epoch end and the last step)", "logging")
     eval_batches: int = _f(0, "validation batches per evaluation (0 = the whole validation set)", "logging")
@@ -267,7 +272,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name} {getattr(cfg, name)!r}: {what}")
 
     for name in ("embedding_dim", "hidden_dim", "num_layers", "n_layer", "n_head", "n_embd", "epochs",
-                 "batch_size", "grad_accum", "eval_every", "log_every", "min_freq"):
+                 "batch_size", "grad_accum", "eval_every", "log_every", "min_freq", "vocab_multiple"):
         need(getattr(cfg, name) >= 1, name, "must be at least 1")
     for name in ("max_steps", "threads"):
         need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, name, "must be at least 1 (or none)")
@@ -283,6 +288,8 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.beta1 < 1, "beta1", "must be in [0, 1)")
     need(0 <= cfg.beta2 < 1, "beta2", "must be in [0, 1)")
     need(cfg.grad_clip >= 0, "grad_clip", "must be non-negative (0 turns clipping off)")
+    need(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", "must be non-negative (or none)")
+    need(cfg.peak_tflops is None or cfg.peak_tflops >= 0, "peak_tflops", "must be non-negative (0 = no mfu)")
     need(cfg.eval_batches >= 0, "eval_batches", "must be non-negative (0 = the whole validation set)")
     need(cfg.wandb_init_timeout > 0, "wandb_init_timeout", "must be positive")
     need(cfg.save_every >= 1, "save_every", "must be at least 1")

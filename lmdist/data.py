@@ -214,7 +214,8 @@ def tokenize(rows, tokenizer: Tokenizer, column: str):
     import datasets
 
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "int32"
-    num_proc = min(os.cpu_count() or 1, rows.num_rows // 20_000) or None  # processes pay off only on big data
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    num_proc = min(cores, rows.num_rows // 20_000) or None  # processes pay off only on big data
     return rows.map(
         _tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=rows.column_names,
         fn_kwargs={"tokenizer": tokenizer, "column": column},
@@ -245,6 +246,22 @@ class TokenStream:
             first += 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows of `length` tokens from each start (int64), -1 past the end of the stream: one gather per
+        Arrow chunk, a `slice` only for the rare row that straddles two chunks."""
+        if len(self.parts) == 1 and starts.max() + length <= self.n_tokens:  # the common case: one gather
+            return self.parts[0][starts[:, None] + np.arange(length)].astype(np.int64)
+        rows = np.full((len(starts), length), -1, dtype=np.int64)
+        part = np.searchsorted(self.starts, starts, side="right") - 1
+        inside = starts + length <= self.starts[np.minimum(part + 1, len(self.parts))]
+        for p in np.unique(part[inside]):
+            chosen = np.flatnonzero(inside & (part == p))
+            rows[chosen] = self.parts[p][starts[chosen, None] - self.starts[p] + np.arange(length)]
+        for row in np.flatnonzero(~inside & (starts < self.n_tokens)):
+            chunk = self.slice(int(starts[row]), length)
+            rows[row, : len(chunk)] = chunk
+        return rows
+
     def sample(self, n: int = 4096) -> np.ndarray:
         return np.concatenate([self.slice(0, n), self.slice(max(0, self.n_tokens - n), n)])
 
@@ -260,20 +277,27 @@ class PackedSequences(Dataset):
     def __init__(self, stream: TokenStream, block_size: int, keep_partial: bool):
         self.stream, self.block_size = stream, block_size
         n_targets = stream.n_tokens - 1
-        self.n = n_targets // block_size + (1 if keep_partial and n_targets % block_size else 0)
+        self.n_whole = n_targets // block_size
+        self.n = self.n_whole + (1 if keep_partial and n_targets % block_size else 0)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.block_size
-        inputs = torch.zeros(T, dtype=torch.long)
-        targets = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
-        if i < self.n:
-            chunk = torch.from_numpy(self.stream.slice(i * T, T + 1).astype(np.int64))
-            inputs[: len(chunk) - 1] = chunk[:-1]
-            targets[: len(chunk) - 1] = chunk[1:]
-        return inputs, targets
+        inputs, targets = self.__getitems__([i])
+        return inputs[0], targets[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch, (inputs, targets) of shape (len(indices), block_size): the DataLoader calls this with
+        each batch's indices, and one gather is far cheaper than a tensor per sequence."""
+        T, index = self.block_size, np.asarray(indices, dtype=np.int64)
+        # an index past the last sequence (evaluation padding) starts past the end of the stream: all -1
+        tokens = self.stream.windows(np.where(index < self.n, index * T, self.stream.n_tokens), T + 1)
+        inputs, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()  # copies: the two overlap in `tokens`
+        if index.max() >= self.n_whole:  # a partial or padding sequence (numpy: no torch kernel per batch)
+            missing = targets < 0
+            inputs[missing], targets[missing] = 0, IGNORE_INDEX
+        return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
 class EpochPermutation(Sampler[int]):
@@ -340,22 +364,34 @@ class PaddedRange(Sampler[int]):
 
 
 def train_loader(sequences: PackedSequences, batch_size: int, world_size: int, grad_accum: int,
-                 seed: int) -> DataLoader:
+                 seed: int, num_workers: int = 0) -> DataLoader:
     """Shuffled global batches; each epoch's remainder that cannot fill an optimizer step is dropped."""
     global_batch = batch_size * world_size
     micro_batches = len(sequences) // global_batch // grad_accum * grad_accum
     sampler = EpochPermutation(len(sequences), micro_batches * global_batch, seed, global_batch)
-    return DataLoader(sequences, batch_sampler=BatchSampler(sampler, global_batch, drop_last=True),
-                      pin_memory=torch.cuda.is_available(), generator=_private_generator())
+    return _loader(sequences, BatchSampler(sampler, global_batch, drop_last=True), num_workers)
 
 
-def eval_loader(sequences: PackedSequences, batch_size: int, world_size: int, max_batches: int = 0) -> DataLoader:
+def eval_loader(sequences: PackedSequences, batch_size: int, world_size: int, max_batches: int = 0,
+                num_workers: int = 0) -> DataLoader:
     """Every sequence once, in order (the first `max_batches` global batches when set); padded so that
     every rank gets the same number of full batches."""
     global_batch = batch_size * world_size
     sampler = PaddedRange(len(sequences), global_batch, max_batches * global_batch)
-    return DataLoader(sequences, batch_sampler=BatchSampler(sampler, global_batch, drop_last=False),
-                      pin_memory=torch.cuda.is_available(), generator=_private_generator())
+    return _loader(sequences, BatchSampler(sampler, global_batch, drop_last=False), num_workers)
+
+
+def _loader(sequences: PackedSequences, batch_sampler: BatchSampler, num_workers: int) -> DataLoader:
+    """The sampler runs in this process (so resume positions stay exact); workers only slice sequences.
+    Pinned host memory lets Accelerate copy batches to a GPU without blocking."""
+    return DataLoader(sequences, batch_sampler=batch_sampler, collate_fn=_already_batched, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      generator=_private_generator())
+
+
+def _already_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`PackedSequences.__getitems__` returns whole batches: nothing left to collate."""
+    return batch
 
 
 def _private_generator() -> torch.Generator:

@@ -7,6 +7,7 @@ not see, sets threads, seeds, and builds the optimizer.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
@@ -36,7 +37,8 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
             gradient_accumulation_steps=cfg.grad_accum,
             # Batches are drawn globally and split: N ranks x b see what 1 process x N*b sees,
             # and the LR scheduler steps once per optimizer step whatever the world size.
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            # non_blocking: host-to-GPU batch copies overlap compute (the loaders pin their memory on GPU hosts)
+            dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
             log_with=log_with,
             project_dir=cfg.output_dir,
         )
@@ -57,6 +59,25 @@ def shard_if_asked(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn
     if sharding.cpu_fsdp_requested(accelerator.device.type == "cpu") and accelerator.num_processes > 1:
         return sharding.shard(model)
     return model
+
+
+def compile_if_asked(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """`torch.compile` the model in place when `compile` is set: parameter names (checkpoints) stay as they are."""
+    if not cfg.compile:
+        return model
+    if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        raise ConfigError("--compile on CPU needs a C++ compiler (torch.compile generates C++): install g++ "
+                          "(or set CXX to one), or train without --compile")
+    model.compile()
+    return model
+
+
+def dataloader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """`num_workers`, else 0 on CPU (every core trains; a batch is one slice of a memory-mapped array) and
+    2 per GPU (to keep host-side batching off the GPU's critical path)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return 2 if device.type == "cuda" else 0
 
 
 def prepare(accelerator: Accelerator, model: torch.nn.Module, *objects):
@@ -167,7 +188,7 @@ def seed_everything(seed: int, accelerator: Accelerator, per_rank: bool) -> None
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW/Adam/SGD with weight decay only on matrices and embeddings (never biases or norm weights)."""
+    """Fused AdamW/Adam, or SGD, with weight decay only on matrices and embeddings (never biases or norm weights)."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -176,7 +197,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
     optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # fused: one kernel for the whole update, on CPU as on GPU (about 4x faster than foreach on CPU here)
+    return optimizer_class(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def _env_int(name: str) -> int | None:

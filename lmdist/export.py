@@ -16,8 +16,8 @@ from lmdist.checkpoint import gather_weights, without_tied_copies
 from lmdist.config import TrainConfig
 
 MODEL_FIELDS = {
-    "lstm": ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights"),
-    "gpt": ("n_layer", "n_head", "n_embd", "dropout", "block_size", "tie_weights"),
+    "lstm": ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights", "vocab_multiple"),
+    "gpt": ("n_layer", "n_head", "n_embd", "dropout", "block_size", "tie_weights", "vocab_multiple"),
 }
 
 

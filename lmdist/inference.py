@@ -90,7 +90,7 @@ def generate(folder: str, prompt: str, max_new_tokens: int, temperature: float, 
     generator = torch.Generator().manual_seed(seed)
     context = torch.tensor([ids])
     for _ in range(max_new_tokens):
-        logits = model(context[:, -saved.cfg.block_size:])[0, -1].float()
+        logits = model(context[:, -saved.cfg.block_size:])[0, -1, :saved.tokenizer.vocab_size].float()  # no padding
         if top_k:
             threshold = torch.topk(logits, min(top_k, logits.numel())).values[-1]
             logits[logits < threshold] = -float("inf")

@@ -6,8 +6,6 @@ one all-reduce of three numbers. Perplexity is exp(mean loss per token).
 from __future__ import annotations
 
 import math
-import time
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -52,26 +50,3 @@ def evaluate(model: torch.nn.Module, loader, accelerator) -> dict[str, float]:
         meter.update(model(inputs), targets)
     model.train(was_training)
     return meter.compute(accelerator, "val")
-
-
-class Throughput:
-    """Training tokens per second over the window since the last `rate()`, evaluation time excluded."""
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.start, self.excluded, self.steps = time.perf_counter(), 0.0, 0
-
-    def step(self) -> None:
-        self.steps += 1
-
-    @contextmanager
-    def paused(self):
-        began = time.perf_counter()
-        yield
-        self.excluded += time.perf_counter() - began
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        tokens_per_sec = self.steps * self.tokens_per_step / max(now - self.start - self.excluded, 1e-9)
-        self.start, self.excluded, self.steps = now, 0.0, 0
-        return tokens_per_sec

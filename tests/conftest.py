@@ -109,10 +109,10 @@ def equivalence_args(markov_files) -> list[str]:
 
 @pytest.fixture(scope="session")
 def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
-    """The same training (global batch 8, 14 shuffled steps over two epochs) under five launches:
+    """The same training (global batch 8, 14 shuffled steps over two epochs) under six launches:
     1 process x batch 8 (the reference), 2 torchrun ranks x 4 (with W&B offline), 1 process x 4 x
-    grad_accum 2, 2 `accelerate launch --multi_gpu` ranks x 2 x grad_accum 2, and 2 ranks from
-    accelerate_configs/cpu.yaml x 4."""
+    grad_accum 2, 2 `accelerate launch --multi_gpu` ranks x 2 x grad_accum 2, 2 ranks from
+    accelerate_configs/cpu.yaml x 4, and 1 process x 8 loading batches in a DataLoader worker."""
     root = tmp_path_factory.mktemp("equivalence")
     runs = {  # one_b8 gets OMP_NUM_THREADS=1 as launchers set it: lmdist must still use every core
         "one_b8": (1, "python", ["--batch_size", "8"]),
@@ -120,6 +120,7 @@ def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
         "accum_b4x2": (1, "python", ["--batch_size", "4", "--grad_accum", "2"]),
         "accelerate_b2x2": (2, "accelerate", ["--batch_size", "2", "--grad_accum", "2"]),
         "config_b4": (2, "accelerate-config", ["--batch_size", "4"]),
+        "workers_b8": (1, "python", ["--batch_size", "8", "--num_workers", "1"]),
     }
     out = {}
     for name, (nproc, launcher, extra) in runs.items():

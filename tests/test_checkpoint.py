@@ -382,6 +382,25 @@ def test_generate_is_reproducible_and_top_k_1_is_greedy(reference, tmp_path):
     assert sample("--top_k", "1", "--seed", "1") == sample("--top_k", "1", "--seed", "2") == greedy
 
 
+def test_padded_vocabulary_trains_exports_and_never_samples_padding(markov_files, tmp_path):
+    """--vocab_multiple 64: the model has 64 output rows for a small char vocabulary; the export carries the
+    setting, and hot sampling (nearly uniform over all 64 rows) only ever yields real tokens."""
+    out = tmp_path / "run"
+    run_ok([*TINY_GPT, "--dataset", str(markov_files["short"]), "--max_steps", "3", "--vocab_multiple", "64",
+            "--output_dir", str(out)], cwd=tmp_path)
+    weights = final_weights(out)
+    assert weights["wte.weight"].shape[0] == 64 > read_run(out)["vocab_size"]
+    assert json.loads((out / "final" / "config.json").read_text())["vocab_multiple"] == 64
+    alone = tmp_path / "alone"  # the export on its own: the model's settings come from its config.json
+    shutil.copytree(out / "final", alone)
+    result = lmdist_cli("generate", "--checkpoint", str(alone), "--prompt", "ab", "--max_new_tokens", "300",
+                        "--temperature", "50", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout.strip()
+    sampled = set(text.replace("<unk>", "").replace("<eos>", ""))
+    assert len(text) >= 250 and sampled <= set(markov_files["short"].read_text())
+
+
 def test_a_signal_in_the_middle_of_a_save_does_not_corrupt_it(reference, resume_data, tmp_path):
     """Rank zero gets SIGINT while hashing files for a manifest: that save completes and verifies, the run
     stops at the next step with another checkpoint, and the relaunch is exact."""

@@ -84,6 +84,25 @@ def test_token_stream_reads_across_chunks_zero_copy():
     assert stream.slice(2, 4).tolist() == [3, 4, 5, 6] and stream.slice(5, 10).tolist() == [6, 7]
 
 
+def test_batched_windows_equal_slices_across_chunks_and_the_end():
+    import datasets
+
+    chunks = [datasets.Dataset.from_dict({"ids": [list(range(k * 10, k * 10 + 10))]}) for k in range(5)]
+    stream = TokenStream(datasets.concatenate_datasets(chunks))  # 50 tokens in 5 Arrow chunks
+    assert len(stream.parts) == 5
+    starts = np.array([0, 7, 10, 13, 38, 45, 47, 50, 60])  # inside, straddling, ending the stream, past it
+    rows = stream.windows(starts, 4)
+    for start, row in zip(starts, rows, strict=True):
+        piece = stream.slice(int(start), 4).tolist() if start < 50 else []
+        assert row.tolist() == piece + [-1] * (4 - len(piece))
+    sequences = PackedSequences(stream, block_size=4, keep_partial=True)  # 13 sequences, the last one partial
+    inputs, targets = sequences.__getitems__(list(range(14)))  # and one past the end
+    for i in range(14):
+        assert inputs[i].tolist() == sequences[i][0].tolist() and targets[i].tolist() == sequences[i][1].tolist()
+    assert inputs[12].tolist() == [48, 0, 0, 0]
+    assert targets[12].tolist() == [49, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+
+
 def test_packing_targets_every_token_once():
     stream = stream_of([list(range(10))])  # 10 tokens: 9 targets
     full = PackedSequences(stream, block_size=4, keep_partial=False)

@@ -1,6 +1,7 @@
 """One model, whatever the launch: world sizes, accumulation and launchers all train the same weights."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_GPT, final_weights, launch, read_metrics, read_run, run_ok
+from tests.conftest import REPO, TINY_GPT, equivalence_args, final_weights, launch, read_metrics, read_run, run_ok
 
 pytestmark = pytest.mark.launch
 
@@ -59,6 +60,47 @@ def test_gradient_accumulation_equals_one_big_batch(equivalence_runs):
     rows = read_metrics(equivalence_runs["accum_b4x2"])
     assert all(r["micro_step"] == 2 * r["step"] for r in rows)
     assert read_metrics(equivalence_runs["one_b8"])[-1]["tokens_seen"] == rows[-1]["tokens_seen"] == 16 * 8 * 32
+
+
+def test_dataloader_workers_change_nothing(equivalence_runs):
+    """Batches sliced in a worker process train exactly what the main process's own batches train."""
+    assert_same_training(equivalence_runs["workers_b8"], equivalence_runs["one_b8"], rtol=0)
+
+
+def test_speed_and_memory_metrics(equivalence_runs):
+    """tokens_per_sec, mfu, data_wait and peak memory in every training row, from the facts in run.json."""
+    for name in ("one_b8", "torchrun_b4"):
+        facts = read_run(equivalence_runs[name])
+        assert facts["flops_per_token"] > 0 and facts["peak_flops_per_process"] > 1e9
+        assert facts["peak_flops_source"].startswith("measured float32 matmul")
+        rows = [r for r in read_metrics(equivalence_runs[name]) if "train/loss" in r]
+        for row in rows:
+            assert row["tokens_per_sec"] > 0 and 0 <= row["data_wait"] < 1 and row["peak_rss_mb"] > 50
+            peak = facts["world_size"] * facts["peak_flops_per_process"]
+            mfu = row["tokens_per_sec"] * facts["flops_per_token"] / peak
+            assert row["mfu"] == pytest.approx(mfu, rel=1e-9) and 0 < row["mfu"] < 1
+
+
+def test_compiled_model_trains_the_eager_model(equivalence_runs, markov_files, tmp_path):
+    """--compile: the same losses and weights up to kernel rounding, and the same parameter names."""
+    out = tmp_path / "compiled"
+    run_ok([*equivalence_args(markov_files), "--batch_size", "8", "--compile", "--output_dir", str(out)], cwd=tmp_path)
+    assert_same_training(out, equivalence_runs["one_b8"], rtol=1e-3)
+
+
+def test_accumulation_micro_steps_do_not_all_reduce(markov_files, tmp_path):
+    """Counted with torch's profiler on each rank: grad_accum 4 runs exactly the all-reduces of grad_accum 1
+    over the same optimizer steps (DDP's gradient buckets, the per-step check, log and eval reductions)."""
+    counts = {}
+    for grad_accum in (1, 4):
+        out = tmp_path / f"accum{grad_accum}"
+        run_ok([str(tmp_path / f"counts{grad_accum}"), *equivalence_args(markov_files), "--max_steps", "4",
+                "--batch_size", "2", "--grad_accum", str(grad_accum), "--output_dir", str(out)],
+               cwd=tmp_path, nproc=2, launcher="accelerate", script=REPO / "bench" / "count_collectives.py")
+        counts[grad_accum] = [json.loads((tmp_path / f"counts{grad_accum}.rank{r}").read_text()) for r in (0, 1)]
+    one, four = counts[1], counts[4]
+    assert one == four
+    assert one[0]["c10d::allreduce_"] >= 2 * 4  # at least a gradient bucket and the stop/NaN check per step
 
 
 def test_plan_line_and_run_facts(equivalence_runs):

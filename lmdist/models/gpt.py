@@ -55,7 +55,7 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
                  dropout: float, tie_weights: bool = True):
         super().__init__()
-        self.block_size = block_size
+        self.block_size, self.n_layer, self.n_embd = block_size, n_layer, n_embd
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
@@ -76,6 +76,12 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token, the PaLM convention: 6N for the weights plus
+        12*L*n_embd*T for attention, N without the position embeddings (a lookup, not a matmul)."""
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values()) - self.wpe.weight.numel()
+        return 6 * n + 12 * self.n_layer * self.n_embd * self.block_size
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, time) -> next-token logits (batch, time, vocab)."""

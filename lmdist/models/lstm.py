@@ -26,6 +26,12 @@ class LSTMLanguageModel(nn.Module):
         if tie_weights:
             self.decoder.weight = self.embedding.weight
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token of the matmuls: 6 x every weight that multiplies an
+        activation (the gates' input and recurrent weights and the decoder; not the embedding lookup)."""
+        matmul_weights = [p for name, p in self.layers.named_parameters() if "weight" in name]
+        return 6 * (sum(w.numel() for w in matmul_weights) + self.decoder.weight.numel())
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, time) -> next-token logits (batch, time, vocab)."""
         x = self.drop(self.embedding(idx))

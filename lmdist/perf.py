@@ -1,0 +1,136 @@
+"""How fast a run trains: tokens per second, model FLOPs utilisation (MFU), time spent waiting for data,
+peak memory.
+
+MFU = model FLOPs per token x tokens per second / peak FLOP/s of the processes that trained. The model
+states its FLOPs per token (`flops_per_token()`: GPT the PaLM convention 6N + 12*L*n_embd*T, the LSTM
+its matmul FLOPs). The peak is the GPU's datasheet dense bf16 rate when training in bf16/fp16 on a GPU
+listed below, else a square matmul measured at start-up on this process's device, dtype and threads
+(with every rank of the node measuring at once, so they compete for the cores as they do in training).
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets; the first name
+# contained in torch.cuda.get_device_name() wins, so the specific variants come first.
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                         ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+
+
+@dataclass
+class Peak:
+    """Peak FLOP/s of one process, and where the figure comes from."""
+
+    flops: float
+    source: str
+
+
+def datasheet_peak(device_name: str) -> Peak | None:
+    for name, tflops in DATASHEET_BF16_TFLOPS:
+        if name in device_name:
+            return Peak(tflops * 1e12, f"datasheet dense bf16, {device_name}")
+    return None
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                         seconds: float = 0.1) -> float:
+    """The best rate of an n x n x n matmul over about `seconds` (after one warm-up), in FLOP/s."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best, began = 0.0, time.perf_counter()
+    while time.perf_counter() - began < seconds or best == 0.0:
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops(device: torch.device, mixed_precision: str, peak_tflops: float | None) -> Peak | None:
+    """This process's peak: `peak_tflops` when set (0: none, no MFU), else the datasheet or a measurement."""
+    if peak_tflops is not None:
+        return Peak(peak_tflops * 1e12, "peak_tflops setting") if peak_tflops > 0 else None
+    low_precision = mixed_precision in ("bf16", "fp16")
+    if device.type == "cuda" and low_precision:
+        known = datasheet_peak(torch.cuda.get_device_name(device))
+        if known:
+            return known
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    measured = measure_matmul_flops(device, dtype)
+    return Peak(measured, f"measured {str(dtype).removeprefix('torch.')} matmul, {torch.get_num_threads()} threads"
+                if device.type == "cpu" else f"measured {str(dtype).removeprefix('torch.')} matmul")
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory (and peak GPU memory allocated by torch), in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    row = {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    if device.type == "cuda":
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
+class Throughput:
+    """Training speed over the window since the last `report()`; evaluation and checkpoint time excluded.
+
+    `tokens_per_sec` counts every rank's tokens; `mfu` divides the model FLOP/s by every rank's peak;
+    `data_wait` is the fraction of training time spent waiting for the next batch.
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: Peak | None, world_size: int):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak = peak
+        self.peak_flops = peak.flops * world_size if peak else None
+        self.start, self.excluded, self.waited, self.steps = time.perf_counter(), 0.0, 0.0, 0
+
+    def facts(self) -> dict:
+        """For run.json: the FLOPs and the peak that `mfu` is computed from."""
+        return {"flops_per_token": self.flops_per_token, "peak_flops_per_process": self.peak and self.peak.flops,
+                "peak_flops_source": self.peak and self.peak.source}
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """Yield from `batches`, adding the time each one takes to arrive to the data wait."""
+        iterator = iter(batches)
+        while True:
+            began = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - began
+            yield batch
+
+    def step(self) -> None:
+        self.steps += 1
+
+    @contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        yield
+        self.excluded += time.perf_counter() - began
+
+    def report(self) -> dict[str, float]:
+        """tokens_per_sec, mfu (when the peak is known) and data_wait over the window; starts a new window."""
+        now = time.perf_counter()
+        seconds = max(now - self.start - self.excluded, 1e-9)
+        tokens_per_sec = self.steps * self.tokens_per_step / seconds
+        row = {"tokens_per_sec": tokens_per_sec}
+        if self.peak_flops:
+            row["mfu"] = tokens_per_sec * self.flops_per_token / self.peak_flops
+        row["data_wait"] = min(self.waited / seconds, 1.0)
+        self.start, self.excluded, self.waited, self.steps = now, 0.0, 0.0, 0
+        return row
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

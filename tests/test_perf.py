@@ -1,0 +1,122 @@
+"""Speed accounting: FLOPs per token against torch's FLOP counter, MFU, data wait, peaks, fast defaults."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lmdist import engine, perf
+from lmdist.config import make_config
+from lmdist.models import GPT, LSTMLanguageModel
+
+
+def counted_flops_per_token(loss_of: callable, idx: torch.Tensor) -> float:
+    """FLOPs torch's counter sees in one forward and backward pass, per token."""
+    with FlopCounterMode(display=False) as counter:
+        loss_of(idx).backward()
+    return counter.get_total_flops() / idx.numel()
+
+
+def test_gpt_flops_per_token_is_the_palm_formula_and_what_torch_counts():
+    model = GPT(vocab_size=512, block_size=64, n_layer=3, n_head=4, n_embd=64, dropout=0.0)
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()  # tied lm_head counted once
+    assert model.flops_per_token() == 6 * n + 12 * 3 * 64 * 64
+    idx = torch.randint(0, 512, (2, 64))
+    with sdpa_kernel(SDPBackend.MATH):  # attention as plain matmuls, which the counter sees
+        counted = counted_flops_per_token(lambda i: F.cross_entropy(model(i).flatten(0, 1), i.flatten()), idx)
+    # The convention counts biases and norm weights as matmul weights (a fraction of a percent) and the
+    # causal attention's full T x T square, as the math kernel computes it.
+    assert counted == pytest.approx(model.flops_per_token(), rel=0.02)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lstm_flops_per_token_are_its_matmul_flops(tie):
+    """Against the same model unrolled into LSTMCells, whose matmuls torch's counter sees (nn.LSTM is one
+    opaque kernel to it)."""
+    model = LSTMLanguageModel(vocab_size=300, embedding_dim=48, hidden_dim=64, num_layers=2, dropout=0.0,
+                              tie_weights=tie)
+    cells = [torch.nn.LSTMCell(layer.input_size, layer.hidden_size) for layer in model.layers]
+
+    def unrolled_loss(idx: torch.Tensor) -> torch.Tensor:
+        x = model.embedding(idx)
+        for cell in cells:
+            h = c = torch.zeros(idx.shape[0], cell.hidden_size)
+            outputs = []
+            for t in range(idx.shape[1]):
+                h, c = cell(x[:, t], (h, c))
+                outputs.append(h)
+            x = torch.stack(outputs, dim=1)
+        return F.cross_entropy(model.decoder(x).flatten(0, 1), idx.flatten())
+
+    counted = counted_flops_per_token(unrolled_loss, torch.randint(0, 300, (2, 32)))
+    # (the zero initial state needs no gradient, which saves the counter a little at each sequence start)
+    assert counted == pytest.approx(model.flops_per_token(), rel=0.03)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throughput_reports_tokens_mfu_and_data_wait(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(perf.time, "perf_counter", clock)
+    meter = perf.Throughput(tokens_per_step=1000, flops_per_token=6e6, peak=perf.Peak(1e12, "test"), world_size=2)
+
+    class SlowBatches:  # each batch takes 0.5 s to arrive
+        def __iter__(self):
+            for i in range(4):
+                clock.now += 0.5
+                yield i
+
+    for _ in meter.timed(SlowBatches()):
+        clock.now += 1.5  # the step itself
+        meter.step()
+    with meter.paused():  # evaluation: not training time
+        clock.now += 100.0
+    row = meter.report()
+    assert row["tokens_per_sec"] == pytest.approx(4000 / 8.0)
+    assert row["data_wait"] == pytest.approx(2.0 / 8.0)
+    assert row["mfu"] == pytest.approx(500 * 6e6 / 2e12)  # both ranks' peaks
+    assert perf.Throughput(1000, 6e6, None, 1).report().keys() == {"tokens_per_sec", "data_wait"}  # no peak, no mfu
+    assert meter.facts() == {"flops_per_token": 6e6, "peak_flops_per_process": 1e12, "peak_flops_source": "test"}
+
+
+def test_peaks_from_the_setting_the_datasheet_or_a_measurement():
+    cpu = torch.device("cpu")
+    assert perf.peak_flops(cpu, "no", 2.5).flops == 2.5e12
+    assert perf.peak_flops(cpu, "bf16", 0) is None  # 0: no mfu
+    assert perf.datasheet_peak("NVIDIA H100 80GB HBM3").flops == 989e12
+    assert perf.datasheet_peak("NVIDIA H100 PCIe").flops == 756e12
+    assert perf.datasheet_peak("NVIDIA L40S").flops == 362e12 and perf.datasheet_peak("Tesla T4") is None
+    measured = perf.peak_flops(cpu, "no", None)
+    assert measured.flops > 1e9 and "measured float32 matmul" in measured.source
+
+
+def test_peak_memory_is_this_process_resident_peak():
+    before = perf.peak_memory(torch.device("cpu"))["peak_rss_mb"]
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    after = perf.peak_memory(torch.device("cpu"))["peak_rss_mb"]
+    assert before > 10 and after >= before and after > block.numel() * 4 / 2**20
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_is_fused_and_skips_decay_on_biases_and_norms(name):
+    model = GPT(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    optimizer = engine.build_optimizer(make_config({"model": "gpt", "optimizer": name}), model)
+    assert optimizer.defaults["fused"] is True
+    decayed, plain = optimizer.param_groups
+    assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] > 0
+    assert all(p.dim() < 2 for p in plain["params"]) and plain["weight_decay"] == 0
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_dataloader_workers_default_to_none_on_cpu_and_two_per_gpu():
+    assert engine.dataloader_workers(make_config({}), torch.device("cpu")) == 0
+    assert engine.dataloader_workers(make_config({}), torch.device("cuda")) == 2
+    assert engine.dataloader_workers(make_config({"num_workers": 3}), torch.device("cpu")) == 3
