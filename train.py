@@ -35,6 +35,9 @@ def main(argv: list[str]) -> None:
         resume, cfg = checkpoint.adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
         accelerator.gradient_accumulation_steps = cfg.grad_accum
         checkpoint.check_compatible(resume, cfg)
+    # The peak FLOP/s behind `mfu`, measured before any model exists: a big matmul measured after the model
+    # and optimizer were allocated slowed the training steps that followed (LSTM S: -15%).
+    peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
     # Data: the main process tokenizes first, the others reuse its cache.
@@ -72,7 +75,6 @@ def main(argv: list[str]) -> None:
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 
     train_meter = TokenMeter(accelerator.device)
-    peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)  # for mfu
     throughput = perf.Throughput(plan.tokens_per_step, flops_per_token, peak, accelerator.num_processes)
     progress, run_id = checkpoint.Progress(), tracking.new_run_id()
     if resume:  # model, optimizer, scheduler, RNG, unlogged metric sums and stream position, exactly as saved

@@ -4,6 +4,7 @@
     lmdist generate --checkpoint DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --seed S]
     lmdist env       what a launch here would see: devices, launcher variables, threads, W&B mode
     lmdist fields    every config field with its type, default and meaning (--markdown for a table)
+    lmdist peak      this machine's peak for `mfu`: the GPU's datasheet rate and measured matmul rates
 
 `eval` runs on one process or several: `torchrun --nproc_per_node 2 -m lmdist eval --checkpoint DIR`.
 """
@@ -35,6 +36,31 @@ def env() -> dict:
         "wandb_credentials": has_wandb_credentials(),
         "wandb_mode": wandb_mode(TrainConfig()),
     }
+
+
+def peak(seconds: float = 1.0, threads: int | None = None) -> None:
+    """The peaks `mfu` can be measured against here: the GPU's datasheet dense bf16 rate (when known) and the
+    best rate of a large fp32 and bf16 matmul over `seconds` each, on this process's device and threads."""
+    import torch
+
+    from lmdist import engine, perf
+    from lmdist.config import TrainConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(threads or engine.threads_per_process(TrainConfig()))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    known = perf.datasheet_peak(name) if name else None
+    n = 8192 if device.type == "cuda" else 2048
+    report = {
+        "device": name or "cpu", "threads": torch.get_num_threads(),
+        "datasheet_bf16_tflops": known.flops / 1e12 if known else None,
+        "measured_tflops": {str(dtype).removeprefix("torch."): perf.measure_matmul_flops(device, dtype, n, seconds)
+                            / 1e12 for dtype in (torch.float32, torch.bfloat16)},
+        "measured_onednn_float32_tflops": (perf.measure_matmul_flops(device, torch.float32, n, seconds, onednn=True)
+                                           / 1e12 if perf.onednn_usable(device, torch.float32) else None),
+        "matmul": f"{n}^3",
+    }
+    print(json.dumps(report, indent=2))
 
 
 def fields(markdown: bool = False) -> None:
@@ -72,4 +98,4 @@ def generate(checkpoint: str, prompt: str = "", max_new_tokens: int = 200, tempe
 
 
 def main() -> None:
-    fire.Fire({"eval": eval, "generate": generate, "env": env, "fields": fields}, name="lmdist")
+    fire.Fire({"eval": eval, "generate": generate, "env": env, "fields": fields, "peak": peak}, name="lmdist")

@@ -1,6 +1,10 @@
 """Speed accounting: FLOPs per token against torch's FLOP counter, MFU, data wait, peaks, fast defaults."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,3 +124,13 @@ def test_dataloader_workers_default_to_none_on_cpu_and_two_per_gpu():
     assert engine.dataloader_workers(make_config({}), torch.device("cpu")) == 0
     assert engine.dataloader_workers(make_config({}), torch.device("cuda")) == 2
     assert engine.dataloader_workers(make_config({"num_workers": 3}), torch.device("cpu")) == 3
+
+
+def test_lmdist_peak_reports_measured_matmul_rates():
+    done = subprocess.run([sys.executable, "-m", "lmdist", "peak", "--seconds", "0.2", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["device"] == "cpu" and report["threads"] == 1 and report["datasheet_bf16_tflops"] is None
+    assert report["measured_tflops"]["float32"] > 0.001 and report["measured_tflops"]["bfloat16"] > 0.001
+    assert report["measured_onednn_float32_tflops"] > 0.001

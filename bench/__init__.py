@@ -1,0 +1,1 @@
+"""lmdist benchmarks: `python bench/run.py` (see the README's Performance section)."""

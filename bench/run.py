@@ -1,0 +1,295 @@
+"""lmdist's benchmark suite: whole training runs, repeated, compared side by side in one invocation.
+
+    python bench/run.py                  # the suite (about 30 minutes on 2 cores): table, bench/results.json, README
+    python bench/run.py --smoke          # seconds per section, tiny models: checks the harness, asserts no figure
+    python bench/run.py --only overhead,data --repeats 6   # some sections, merged into bench/results.json
+
+Every figure comes from separate processes launched the way a user launches them (`python train.py`,
+`accelerate launch`), each measured over log windows after a warm-up window; a configuration's figure is
+the median over its windows and repeats, and compared runs alternate (A B, B A, ...) so that drift in the
+machine hits both sides alike. See the README's "Performance" section for what each figure means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench import report  # noqa: E402
+from lmdist import perf  # noqa: E402
+
+TRAIN, PLAIN, COUNT = REPO / "train.py", REPO / "bench" / "plain_loop.py", REPO / "bench" / "count_collectives.py"
+CPU_CONFIG = REPO / "accelerate_configs" / "cpu.yaml"
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+
+# The issue's sizes. `window`: optimizer steps per measured log window (about 3 s each here).
+SIZES = {
+    "GPT S": dict(flags="--model gpt --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 --batch_size 32", window=25),
+    "GPT M": dict(flags="--model gpt --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 8", window=4),
+    "GPT L": dict(flags="--model gpt --n_layer 12 --n_head 12 --n_embd 768 --block_size 256 --batch_size 4", window=1),
+    "LSTM S": dict(flags="--model lstm --embedding_dim 200 --hidden_dim 200 --num_layers 2 --block_size 35 "
+                         "--batch_size 20", window=100),
+    "LSTM M": dict(flags="--model lstm --embedding_dim 650 --hidden_dim 650 --num_layers 2 --block_size 35 "
+                         "--batch_size 20", window=10),
+}
+SMOKE_SIZES = {
+    "GPT S": dict(flags="--model gpt --n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4", window=2),
+    "LSTM S": dict(flags="--model lstm --embedding_dim 32 --hidden_dim 32 --num_layers 1 --block_size 16 "
+                         "--batch_size 4", window=2),
+}
+# Nothing but training in the measured windows: no evaluation or checkpoint before the last step, no W&B.
+COMMON = "--wandb_mode disabled --eval_every 1000000 --save_every 1000000 --eval_batches 1 --warmup_steps 2"
+TARGETS = {"overhead": 0.97, "scaling": 0.90, "data_wait": 0.01, "mfu_fp32": 0.45}
+
+
+class Bench:
+    def __init__(self, smoke: bool, repeats: int, workdir: str):
+        self.smoke, self.repeats, self.workdir = smoke, repeats, Path(workdir)
+        self.sizes = SMOKE_SIZES if smoke else SIZES
+        self.windows = 1 if smoke else 3  # measured windows per run, after one warm-up window
+        self.runs = 0
+
+    # ------------------------------------------------------------------------- one run
+
+    def train(self, size: str, overrides: dict | None = None, script: Path = TRAIN, processes: int = 1,
+              env: dict | None = None) -> dict:
+        """One whole run of `size` (flags changed by `overrides`); the medians of its measured log windows,
+        its wall time and facts."""
+        window = self.sizes[size]["window"]
+        self.runs += 1
+        out = self.workdir / f"run{self.runs:03d}"
+        settings = {**flag_dict(self.sizes[size]["flags"] + " " + COMMON), "log_every": window,
+                    "max_steps": window * (1 + self.windows), "output_dir": out, **(overrides or {})}
+        flags = [word for name, value in settings.items() for word in (f"--{name}", str(value))]
+        if processes == 1:
+            command = [sys.executable, str(script), *flags]
+        else:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+                       "--num_processes", str(processes), str(script), *flags]
+        began = time.perf_counter()
+        done = subprocess.run(command, cwd=self.workdir, env={**os.environ, **(env or {})},
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - began
+        if done.returncode != 0:
+            raise RuntimeError(f"bench run failed ({' '.join(command)}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        measured = [r for r in rows if "tokens_per_sec" in r][1:]  # the first window pays the warm-up
+        result = {"tokens_per_sec": [r["tokens_per_sec"] for r in measured], "wall_s": wall,
+                  "peak_rss_mb": max(r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r)}
+        for key in ("data_wait", "mfu"):
+            if key in measured[0]:
+                result[key] = statistics.median(r[key] for r in measured)
+        if (out / "run.json").exists():
+            facts = json.loads((out / "run.json").read_text())
+            result.update(flops_per_token=facts["flops_per_token"], threads=facts["threads"])
+        return result
+
+    def alternate(self, size: str, a: dict, b: dict) -> tuple[dict, dict, list[float]]:
+        """Runs of `a` and `b` (each: keyword arguments of `train`), `repeats` each, in the order A B, B A, A B, ...
+        (this machine's speed drifts by 10-20% over seconds, so neither side may always go first). Returns
+        both sides merged and each pair's ratio of medians, a / b."""
+        runs_a, runs_b = [], []
+        for repeat in range(self.repeats):
+            for side in ((a, runs_a), (b, runs_b))[:: 1 if repeat % 2 == 0 else -1]:
+                side[1].append(self.train(size, **side[0]))
+        pairs = [statistics.median(x["tokens_per_sec"]) / statistics.median(y["tokens_per_sec"])
+                 for x, y in zip(runs_a, runs_b, strict=True)]
+        return merge(runs_a), merge(runs_b), pairs
+
+    # ------------------------------------------------------------------------- the figures
+
+    def overhead(self) -> list[dict]:
+        """lmdist against the plain PyTorch loop, one process, same flags and threads."""
+        rows = []
+        for size in [s for s in ("GPT S", "GPT M", "LSTM S") if s in self.sizes]:
+            lmdist, plain, pairs = self.alternate(size, {}, {"script": PLAIN})
+            rows.append({"size": size, "lmdist_tokens_per_sec": lmdist["tokens_per_sec"],
+                         "plain_tokens_per_sec": plain["tokens_per_sec"],
+                         "ratio": lmdist["tokens_per_sec"] / plain["tokens_per_sec"], "pair_ratios": pairs,
+                         "lmdist_peak_rss_mb": lmdist["peak_rss_mb"], "plain_peak_rss_mb": plain["peak_rss_mb"]})
+            self.efficiency_runs[size] = lmdist
+        return rows
+
+    def scaling(self) -> list[dict]:
+        """2 CPU ranks (1 thread each) against 1 process with 2 threads, same global batch."""
+        rows = []
+        cases = [("GPT S", 1), ("GPT M", 1), ("GPT S", 4)] if not self.smoke else [("GPT S", 1), ("GPT S", 2)]
+        for size, grad_accum in cases:
+            per_rank = int(flag_dict(self.sizes[size]["flags"])["batch_size"]) // 2
+            one, two, pairs = self.alternate(
+                size, {"overrides": {"batch_size": 2 * per_rank, "grad_accum": grad_accum}},
+                {"overrides": {"batch_size": per_rank, "grad_accum": grad_accum}, "processes": 2})
+            rows.append({"size": size, "grad_accum": grad_accum, "one_process_tokens_per_sec": one["tokens_per_sec"],
+                         "two_ranks_tokens_per_sec": two["tokens_per_sec"],
+                         "ratio": two["tokens_per_sec"] / one["tokens_per_sec"],
+                         "pair_ratios": [1 / p for p in pairs],
+                         "one_process_peak_rss_mb": one["peak_rss_mb"], "two_ranks_peak_rss_mb": two["peak_rss_mb"]})
+        return rows
+
+    def collectives(self) -> dict:
+        """All-reduces per run with grad_accum 1 and 4 and the same optimizer steps: equal when accumulation
+        micro-steps skip the gradient all-reduce."""
+        counts = {}
+        for grad_accum in (1, 4):
+            path = self.workdir / f"collectives_{grad_accum}.json"
+            self.runs += 1
+            settings = {**flag_dict(SMOKE_SIZES["GPT S"]["flags"] + " " + COMMON), "batch_size": 2,
+                        "grad_accum": grad_accum, "max_steps": 4, "log_every": 2,
+                        "output_dir": self.workdir / f"run{self.runs:03d}"}
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+                       str(COUNT), str(path), *(w for k, v in settings.items() for w in (f"--{k}", str(v)))]
+            done = subprocess.run(command, cwd=self.workdir, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"collective count failed:\n{done.stderr[-3000:]}")
+            counts[grad_accum] = json.loads(Path(f"{path}.rank0").read_text()).get("c10d::allreduce_", 0)
+        return {"optimizer_steps": 4, "allreduce_grad_accum_1": counts[1], "allreduce_grad_accum_4": counts[4],
+                "no_allreduce_on_micro_steps": counts[1] == counts[4]}
+
+    def data(self) -> list[dict]:
+        """Tokenize-and-pack throughput per tokenizer and source, with a cold and a warm datasets cache."""
+        from lmdist import corpus, data
+        from lmdist.config import make_config
+
+        sources = {"builtin": ("builtin", sum(len(d.encode()) for d in corpus.builtin_documents()))}
+        if WIKITEXT.is_dir() and not self.smoke:  # optional input: the shared WikiText-2 splits
+            text = self.workdir / "wikitext-2.txt"
+            text.write_bytes((WIKITEXT / "valid.txt").read_bytes() + (WIKITEXT / "test.txt").read_bytes())
+            sources["wikitext-2"] = (str(text), text.stat().st_size)
+        rows = []
+        for source, (dataset, size) in sources.items():
+            for tokenizer in ("byte", "char", "word", "bpe") if not self.smoke else ("byte", "bpe"):
+                folder = self.workdir / f"data-{source}-{tokenizer}"
+                cfg = make_config({"dataset": dataset, "tokenizer": tokenizer, "cache_dir": str(folder / "cache"),
+                                   "output_dir": str(folder / "out")})
+                seconds = []
+                for warm in (False, True):  # warm: the second launch (resume, or the other ranks) reuses caches
+                    began = time.perf_counter()
+                    loaded = data.load_corpus(cfg, lambda build: build(), True, reuse_tokenizer=warm)
+                    data.PackedSequences(loaded.train, cfg.block_size, keep_partial=False)
+                    seconds.append(time.perf_counter() - began)
+                rows.append({"source": source, "tokenizer": tokenizer, "mb": size / 1e6,
+                             "tokens": loaded.train.n_tokens + loaded.val.n_tokens,
+                             "cold_mb_per_s": size / 1e6 / seconds[0], "warm_mb_per_s": size / 1e6 / seconds[1]})
+        return rows
+
+    def efficiency(self, peak: dict) -> list[dict]:
+        """tokens/s, MFU against the measured fp32 matmul rate, data wait and memory for every size."""
+        rows = []
+        for size in self.sizes:
+            run = self.efficiency_runs.get(size) or merge([self.train(size)])
+            self.efficiency_runs[size] = run
+            rows.append({"size": size, "tokens_per_sec": run["tokens_per_sec"],
+                         "flops_per_token": run["flops_per_token"],
+                         "mfu_fp32": run["tokens_per_sec"] * run["flops_per_token"] / peak["fp32_flops"],
+                         "mfu_best_fp32": run["tokens_per_sec"] * run["flops_per_token"]
+                         / max(peak["fp32_flops"], peak["fp32_onednn_flops"]),
+                         "data_wait": run["data_wait"], "peak_rss_mb": run["peak_rss_mb"], "threads": run["threads"]})
+        return rows
+
+    def options(self, peak: dict) -> list[dict]:
+        """The effect of `compile` and of bf16 autocast, whole-run wall time (compile time) included."""
+        rows = []
+        for size in [s for s in ("GPT S", "GPT M", "LSTM S") if s in self.sizes]:
+            eager = self.efficiency_runs.get(size) or merge([self.train(size)])
+            for option, overrides, env, peak_flops in (
+                    ("compile", {"compile": True}, {}, max(peak["fp32_flops"], peak["fp32_onednn_flops"])),
+                    ("bf16", {}, {"ACCELERATE_MIXED_PRECISION": "bf16"}, peak["bf16_flops"])):
+                run = merge([self.train(size, overrides, env=env)])
+                rows.append({"size": size, "option": option, "eager_tokens_per_sec": eager["tokens_per_sec"],
+                             "tokens_per_sec": run["tokens_per_sec"],
+                             "speedup": run["tokens_per_sec"] / eager["tokens_per_sec"],
+                             "mfu": run["tokens_per_sec"] * run["flops_per_token"] / peak_flops,
+                             "eager_wall_s": eager["wall_s"], "wall_s": run["wall_s"],
+                             "steps": self.sizes[size]["window"] * (1 + self.windows),
+                             "peak_rss_mb": run["peak_rss_mb"]})
+        return rows
+
+    def run(self, sections: list[str]) -> dict:
+        self.efficiency_runs: dict[str, dict] = {}
+        seconds = 0.5 if self.smoke else 3.0
+        cpu = torch.device("cpu")
+        peak = {"fp32_flops": perf.measure_matmul_flops(cpu, torch.float32, 2048, seconds),
+                "fp32_onednn_flops": perf.measure_matmul_flops(cpu, torch.float32, 2048, seconds, onednn=True),
+                "bf16_flops": perf.measure_matmul_flops(cpu, torch.bfloat16, 2048, seconds)}
+        results = {"machine": machine(), "smoke": self.smoke, "repeats": self.repeats, "peak": peak,
+                   "targets": TARGETS}
+        for section in sections:
+            began = time.perf_counter()
+            method = getattr(self, section)
+            results[section] = method(peak) if section in ("efficiency", "options") else method()
+            print(f"bench: {section} done in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+        return results
+
+
+def merge(runs: list[dict]) -> dict:
+    """Runs of one configuration as one: the median over every measured window, the worst memory."""
+    merged = {**runs[0], "tokens_per_sec": statistics.median(w for r in runs for w in r["tokens_per_sec"]),
+              "wall_s": statistics.median(r["wall_s"] for r in runs),
+              "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+    for key in ("data_wait", "mfu"):
+        if key in runs[0]:
+            merged[key] = statistics.median(r[key] for r in runs)
+    return merged
+
+
+def flag_dict(flags: str) -> dict[str, str]:
+    """"--a 1 --b x" -> {"a": "1", "b": "x"}."""
+    words = flags.split()
+    return {name.removeprefix("--"): value for name, value in zip(words[::2], words[1::2], strict=True)}
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+SECTIONS = ("overhead", "scaling", "collectives", "data", "efficiency", "options")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny models, one repeat: checks the harness only")
+    parser.add_argument("--repeats", type=int, default=4, help="runs of each compared configuration (default 4: "
+                                                                  "A B, B A, A B, B A)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument("--out", default=None, help="figures as JSON (default bench/results.json; smoke: none)")
+    parser.add_argument("--readme", default=None, help="README whose Performance table to regenerate "
+                                                       "(default README.md; smoke: none)")
+    args = parser.parse_args()
+    sections = [s for s in args.only.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
+    if "options" in sections or "efficiency" in sections:  # they reuse the overhead runs when there are some
+        sections = sorted(sections, key=SECTIONS.index)
+    out = args.out or (None if args.smoke else str(REPO / "bench" / "results.json"))
+    readme = args.readme or (None if args.smoke else str(REPO / "README.md"))
+    with tempfile.TemporaryDirectory(prefix="lmdist-bench-") as workdir:
+        results = Bench(args.smoke, 1 if args.smoke else args.repeats, workdir).run(sections)
+    if out and Path(out).exists() and set(sections) != set(SECTIONS):  # a partial run refreshes its sections
+        results = {**json.loads(Path(out).read_text()), **{s: results[s] for s in sections}}
+    if out:  # first: the figures outlive any problem in presenting them
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"bench: figures written to {out}", file=sys.stderr)
+    print(report.render(results))
+    if readme:
+        report.update_readme(readme, results)
+        print(f"bench: Performance table in {readme} regenerated", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

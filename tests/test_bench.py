@@ -1,0 +1,43 @@
+"""The benchmark harness: its smoke mode runs every section end to end, and the README shows its figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import report
+from tests.conftest import REPO
+
+
+def test_readme_performance_tables_are_generated_from_the_saved_figures():
+    results = json.loads((REPO / "bench" / "results.json").read_text())
+    assert not results["smoke"]
+    assert report.render(results) in (REPO / "README.md").read_text(), \
+        "README's Performance block is stale: run `python bench/report.py`"
+
+
+@pytest.mark.launch
+def test_smoke_run_exercises_every_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(out),
+                           "--readme", str(readme)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    results = json.loads(out.read_text())
+    assert results["smoke"] and results["peak"]["fp32_flops"] > 0 and results["peak"]["bf16_flops"] > 0
+    assert {r["size"] for r in results["overhead"]} == {"GPT S", "LSTM S"}
+    assert all(r["lmdist_tokens_per_sec"] > 0 and r["plain_tokens_per_sec"] > 0 for r in results["overhead"])
+    assert [r["grad_accum"] for r in results["scaling"]] == [1, 2]
+    assert all(r["two_ranks_tokens_per_sec"] > 0 for r in results["scaling"])
+    assert results["collectives"]["allreduce_grad_accum_1"] > 0
+    assert {(r["source"], r["tokenizer"]) for r in results["data"]} == {("builtin", "byte"), ("builtin", "bpe")}
+    assert all(r["cold_mb_per_s"] > 0 and r["warm_mb_per_s"] > 0 for r in results["data"])
+    assert all(r["mfu_fp32"] > 0 and r["peak_rss_mb"] > 0 for r in results["efficiency"])
+    assert {(r["size"], r["option"]) for r in results["options"]} == {
+        (s, o) for s in ("GPT S", "LSTM S") for o in ("compile", "bf16")}
+    text = readme.read_text()
+    assert report.render(results) in text and "old" not in text and text.endswith("after\n")
+    assert report.render(results) in done.stdout  # the table is printed too
