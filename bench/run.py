@@ -59,6 +59,7 @@ class Bench:
         self.sizes = SMOKE_SIZES if smoke else SIZES
         self.windows = 1 if smoke else 3  # measured windows per run, after one warm-up window
         self.runs = 0
+        self.efficiency_runs: dict[str, dict] = {}  # size -> the single-process fp32 run, shared by sections
 
     # ------------------------------------------------------------------------- one run
 
@@ -216,7 +217,6 @@ class Bench:
         return rows
 
     def run(self, sections: list[str]) -> dict:
-        self.efficiency_runs: dict[str, dict] = {}
         seconds = 0.5 if self.smoke else 3.0
         cpu = torch.device("cpu")
         peak = {"fp32_flops": perf.measure_matmul_flops(cpu, torch.float32, 2048, seconds),
