@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
         if cfg.streaming:
             train_set.load_state(rank_state["stream"])
         progress, run_id = resume.progress, resume.run_id
-    guard = StopGuard(accelerator, use_scaler=accelerator.scaler is not None)
+    guard = StopGuard(use_scaler=accelerator.scaler is not None)
 
     def save_checkpoint() -> str:
         path = checkpoint.step_dir(cfg.output_dir, progress.step)
@@ -112,17 +112,17 @@ def main(argv: list[str]) -> None:
                 with accelerator.accumulate(model):
                     logits = model(inputs)
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                    train_meter.update(logits.detach(), targets, loss.detach())  # while the logits are in cache
                     accelerator.backward(loss)
-                    guard.watch(loss)
                     if accelerator.sync_gradients:
                         grad_norm = engine.clip_gradients(accelerator, model, cfg.grad_clip or math.inf)
-                        verdict = guard.check(grad_norm)  # every rank's signals and NaNs: the one sync per step
+                        # every rank's signals and NaNs (losses and norm): the one sync per step
+                        verdict = guard.check(grad_norm, train_meter.sums)
                         if verdict.nonfinite:
                             raise nonfinite_error(verdict.nonfinite, progress.step + 1)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                train_meter.update(logits.detach(), targets, loss.detach() * targets.numel())
                 progress.micro_step += 1
                 progress.batches_in_epoch += 1
                 if not accelerator.sync_gradients:

@@ -1,8 +1,8 @@
 """The lesson's loop written directly in PyTorch: the baseline that lmdist's overhead is measured against.
 
 Same model, data, batch, optimizer (fused AdamW, no weight decay on biases and norm weights), gradient
-clipping, learning-rate schedule and threads as `train.py` with the same flags; no Accelerate, no
-metrics beyond the loss, no trackers, no checkpoints. One process. It writes `metrics.jsonl` rows with
+clipping, learning-rate schedule, threads and host allocator settings as `train.py` with the same flags; no
+Accelerate, no metrics beyond the loss, no trackers, no checkpoints. One process. It writes `metrics.jsonl` rows with
 `tokens_per_sec` per log window, as `train.py` does, so the bench reads both the same way.
 
     python bench/plain_loop.py --model gpt --max_steps 60 --log_every 10 --output_dir /tmp/plain
@@ -18,13 +18,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmdist import config, data
+from lmdist import config, data, engine
 from lmdist.models import build_model
 from lmdist.schedule import build_scheduler
 
 
 def main(argv: list[str]) -> None:
     cfg = config.parse_args(argv)
+    engine.tune_host_allocator()  # the process settings lmdist makes, so that the loops alone are compared
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(cfg.seed)
     corpus = data.load_corpus(cfg, lambda build: build(), is_main=True)

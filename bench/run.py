@@ -38,8 +38,9 @@ SIZES = {
     "GPT S": dict(flags="--model gpt --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 --batch_size 32", window=25),
     "GPT M": dict(flags="--model gpt --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 8", window=4),
     "GPT L": dict(flags="--model gpt --n_layer 12 --n_head 12 --n_embd 768 --block_size 256 --batch_size 4", window=1),
+    # pairs: at least this many A/B pairs when compared; LSTM S's 15 ms steps are the noisiest here
     "LSTM S": dict(flags="--model lstm --embedding_dim 200 --hidden_dim 200 --num_layers 2 --block_size 35 "
-                         "--batch_size 20", window=100),
+                         "--batch_size 20", window=100, pairs=8),
     "LSTM M": dict(flags="--model lstm --embedding_dim 650 --hidden_dim 650 --num_layers 2 --block_size 35 "
                          "--batch_size 20", window=10),
 }
@@ -101,7 +102,7 @@ class Bench:
         (this machine's speed drifts by 10-20% over seconds, so neither side may always go first). Returns
         both sides merged and each pair's ratio of medians, a / b."""
         runs_a, runs_b = [], []
-        for repeat in range(self.repeats):
+        for repeat in range(max(self.repeats, 1 if self.smoke else self.sizes[size].get("pairs", 0))):
             for side in ((a, runs_a), (b, runs_b))[:: 1 if repeat % 2 == 0 else -1]:
                 side[1].append(self.train(size, **side[0]))
         pairs = [statistics.median(x["tokens_per_sec"]) / statistics.median(y["tokens_per_sec"])

@@ -291,12 +291,15 @@ class PackedSequences(Dataset):
         """A whole batch, (inputs, targets) of shape (len(indices), block_size): the DataLoader calls this with
         each batch's indices, and one gather is far cheaper than a tensor per sequence."""
         T, index = self.block_size, np.asarray(indices, dtype=np.int64)
-        # an index past the last sequence (evaluation padding) starts past the end of the stream: all -1
+        if index.max() < self.n_whole:  # whole sequences: inputs and targets are two views of one array
+            tokens = torch.from_numpy(self.stream.windows(index * T, T + 1))
+            return tokens[:, :-1], tokens[:, 1:]
+        # A partial or padding sequence (evaluation); a padding index starts past the end of the stream: all -1.
+        # Copies, as the two overlap; numpy, no torch kernel per batch.
         tokens = self.stream.windows(np.where(index < self.n, index * T, self.stream.n_tokens), T + 1)
-        inputs, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()  # copies: the two overlap in `tokens`
-        if index.max() >= self.n_whole:  # a partial or padding sequence (numpy: no torch kernel per batch)
-            missing = targets < 0
-            inputs[missing], targets[missing] = 0, IGNORE_INDEX
+        inputs, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
+        missing = targets < 0
+        inputs[missing], targets[missing] = 0, IGNORE_INDEX
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 

@@ -12,12 +12,14 @@ gradient norm on any rank before the optimizer applies it.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from lmdist.errors import LmdistError
 
@@ -51,11 +53,9 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # the order of their 
 class StopGuard:
     """Installs the signal handlers and runs the per-step agreement between ranks."""
 
-    def __init__(self, accelerator, use_scaler: bool):
-        self.accelerator = accelerator
+    def __init__(self, use_scaler: bool):
         self.use_scaler = use_scaler
         self.received = torch.zeros(len(SIGNALS), dtype=torch.float64)  # host side: handlers only set it
-        self.bad = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # non-finite losses seen
         self.skipped = 0
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
@@ -64,19 +64,21 @@ class StopGuard:
         # Only a flag: the save happens at the next step boundary, and a second signal changes nothing.
         self.received[SIGNALS.index(signum)] = 1
 
-    def watch(self, loss: torch.Tensor) -> None:
-        """Note a micro-step's loss (on the device: no sync)."""
-        if not self.use_scaler:  # with fp16 an overflow is the scaler's business
-            self.bad += (~torch.isfinite(loss.detach())).double()
+    def check(self, grad_norm: torch.Tensor, loss_sums: torch.Tensor) -> Verdict:
+        """All ranks' signals and non-finite flags, summed in one all-reduce; call before optimizer.step().
 
-    def check(self, grad_norm: torch.Tensor) -> Verdict:
-        """All ranks' signals and non-finite flags, summed in one all-reduce; call before optimizer.step()."""
-        bad_norm = torch.zeros_like(self.bad) if self.use_scaler else (~torch.isfinite(grad_norm.detach())).double()
-        flags = torch.cat([self.bad.reshape(1), bad_norm.reshape(1), self.received.to(self.bad.device)])
-        bad_loss, bad_norm, usr1, term, interrupt = self.accelerator.reduce(flags, reduction="sum").tolist()
-        self.bad.zero_()
+        `loss_sums`: sums of the losses since the last check (the training meter's running sums, which this
+        check has kept finite until now). A sum is finite exactly when all its terms are, and stays so across
+        ranks, so the losses and gradient norms are summed as they are and tested on the host after the sync."""
+        flags = torch.cat([grad_norm.reshape(1), loss_sums, self.received.to(loss_sums.device)])
+        if dist.is_initialized():  # directly: this runs every step, and Accelerate's reduce adds a clone and checks
+            dist.all_reduce(flags)
+        norm_sum, *sums, usr1, term, interrupt = flags.tolist()
+        nonfinite = None
+        if not self.use_scaler:  # with fp16 an overflow is the scaler's business
+            nonfinite = ("loss" if not all(map(math.isfinite, sums)) else
+                         "gradient norm" if not math.isfinite(norm_sum) else None)
         name = "SIGUSR1" if usr1 else "SIGTERM" if term else "SIGINT" if interrupt else None
-        nonfinite = "loss" if bad_loss else "gradient norm" if bad_norm else None
         return Verdict(nonfinite=nonfinite, stop_signal=name, requeue=bool(usr1))
 
     def after_step(self, optimizer) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -424,15 +425,34 @@ def test_a_signal_in_the_middle_of_a_save_does_not_corrupt_it(reference, resume_
     assert assert_same_as_reference(out, reference) == 11
 
 
-def test_fp16_skipped_steps_stop_only_after_many_in_a_row(monkeypatch):
-    from types import SimpleNamespace
+def test_the_step_check_names_a_non_finite_loss_or_gradient_norm(monkeypatch):
+    from lmdist import stopping
+    from lmdist.metrics import TokenMeter
 
+    monkeypatch.setattr(stopping.signal, "signal", lambda *a: None)  # keep pytest's own handlers
+    guard, finite = stopping.StopGuard(use_scaler=False), torch.tensor(1.5)
+
+    def losses(*values: float) -> torch.Tensor:  # the training meter's sums after these micro-steps
+        meter = TokenMeter(torch.device("cpu"))
+        for value in values:
+            meter.update(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.tensor(value))
+        return meter.sums
+
+    assert guard.check(finite, losses(1.5, 2.0)) == stopping.Verdict()
+    assert guard.check(finite, losses(1.5, float("nan"), 2.0)).nonfinite == "loss"  # one bad micro-step
+    assert guard.check(finite, losses(float("-inf"))).nonfinite == "loss"
+    assert guard.check(torch.tensor(float("inf")), losses(1.5)).nonfinite == "gradient norm"
+    guard._on_signal(signal.SIGTERM, None)
+    assert guard.check(finite, losses(1.5)) == stopping.Verdict(stop_signal="SIGTERM")
+
+
+def test_fp16_skipped_steps_stop_only_after_many_in_a_row(monkeypatch):
     from lmdist import stopping
 
     monkeypatch.setattr(stopping.signal, "signal", lambda *a: None)  # keep pytest's own handlers
-    guard = stopping.StopGuard(SimpleNamespace(device=torch.device("cpu")), use_scaler=True)
-    guard.watch(torch.tensor(float("inf")))  # an fp16 overflow: the scaler's business, not a stop
-    assert guard.bad.item() == 0
+    guard = stopping.StopGuard(use_scaler=True)
+    overflow = torch.tensor([float("inf"), 0.0, 1.0], dtype=torch.float64)
+    assert guard.check(torch.tensor(float("inf")), overflow).nonfinite is None, "an fp16 overflow is the scaler's"
     skipped, stepped = SimpleNamespace(step_was_skipped=True), SimpleNamespace(step_was_skipped=False)
     for _ in range(stopping.MAX_SKIPPED_STEPS - 1):
         guard.after_step(skipped)

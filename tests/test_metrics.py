@@ -40,10 +40,28 @@ def test_loss_ppl_acc_by_hand():
 def test_meter_is_token_weighted_across_updates():
     meter = TokenMeter(torch.device("cpu"))
     logits = torch.zeros(1, 4, 3)  # uniform: loss ln 3 per token
-    meter.update(logits, torch.tensor([[0, 1, 2, 0]]), loss_sum=torch.tensor(4 * math.log(3)))
-    meter.update(torch.zeros(1, 4, 3), torch.tensor([[0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]),
-                 loss_sum=torch.tensor(3.0))
-    assert meter.compute(OneProcess, "train")["train/loss"] == pytest.approx((4 * math.log(3) + 3.0) / 5)
+    meter.update(logits, torch.tensor([[0, 1, 2, 0]]), mean_loss=torch.tensor(math.log(3)))  # training: all count
+    meter.update(torch.zeros(1, 2, 3), torch.tensor([[0, 1]]), mean_loss=torch.tensor(3.0))
+    meter.update(logits, torch.tensor([[0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]))  # evaluation: one counts
+    assert meter.compute(OneProcess, "train")["train/loss"] == pytest.approx((5 * math.log(3) + 2 * 3.0) / 7)
+
+
+def test_accuracy_agrees_with_argmax_and_counts_a_tie_for_the_top_as_a_hit():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 50, 17), torch.randint(0, 17, (3, 50))
+    targets[0, :10] = IGNORE_INDEX
+    counted = targets != IGNORE_INDEX
+    targets[1, :25] = logits[1, :25].argmax(-1)  # make some hits
+    meter = TokenMeter(torch.device("cpu"))
+    meter.update(logits, targets)
+    expected = ((logits.argmax(-1) == targets) & counted).sum().item() / counted.sum().item()
+    assert expected > 0.2 and meter.compute(OneProcess, "val")["val/acc"] == pytest.approx(expected)
+    meter.update(logits[1:], targets[1:], mean_loss=torch.tensor(1.0))  # the training path: no ignored targets
+    expected = (logits[1:].argmax(-1) == targets[1:]).float().mean().item()
+    assert meter.compute(OneProcess, "train")["train/acc"] == pytest.approx(expected)
+    tie = torch.tensor([[[1.0, 2.0, 2.0], [2.0, 2.0, 1.0]]])
+    meter.update(tie, torch.tensor([[2, 2]]))  # tied for the top (argmax would say 1); below the top
+    assert meter.compute(OneProcess, "val")["val/acc"] == 0.5
 
 
 def test_schedule_warmup_then_decay_to_min_lr():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -134,3 +135,46 @@ def test_lmdist_peak_reports_measured_matmul_rates():
     assert report["device"] == "cpu" and report["threads"] == 1 and report["datasheet_bf16_tflops"] is None
     assert report["measured_tflops"]["float32"] > 0.001 and report["measured_tflops"]["bfloat16"] > 0.001
     assert report["measured_onednn_float32_tflops"] > 0.001
+
+
+# A child process: a "step" touches 16 buffers of 10 MB and frees them; the page faults of the second step.
+SECOND_STEP_FAULTS = """
+import resource, sys, torch
+from lmdist import engine
+print(engine.tune_host_allocator(), file=sys.stderr)
+for step in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffers = [torch.empty(2_500_000).fill_(1.0) for _ in range(16)]
+    del buffers
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_host_memory_is_reused_without_page_faults_unless_the_user_tuned_malloc():
+    def second_step_faults(**env: str) -> tuple[int, str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+        done = subprocess.run([sys.executable, "-c", SECOND_STEP_FAULTS], env={**clean, **env},
+                              capture_output=True, text=True, check=True)
+        return int(done.stdout), done.stderr.strip()
+
+    faults, tuned = second_step_faults()
+    assert tuned == "True" and faults < 4 * 2441, "the freed 160 MB stays in the heap for the next step"
+    # glibc's own adaptive behaviour (a setting equal to its default, so lmdist leaves malloc alone):
+    # the buffers are mapped afresh (2,441 pages each)
+    faults, tuned = second_step_faults(GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
+    assert tuned == "False" and faults > 12 * 2441
+    assert second_step_faults(MALLOC_ARENA_MAX="4")[1] == "False"
+
+
+def test_accelerates_per_step_package_lookup_is_made_once(tmp_path):
+    import accelerate.optimizer
+
+    engine.build_accelerator(make_config({"output_dir": str(tmp_path)}), log_with=[])
+    assert accelerate.optimizer.is_lomo_available.cache_info() is not None
+    model = torch.nn.Linear(2, 1)
+    optimizer = accelerate.optimizer.AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0))
+    model(torch.ones(1, 2)).sum().backward()
+    before = model.weight.detach().clone()
+    optimizer.step()  # still steps through the cached lookup
+    assert not torch.equal(model.weight, before)
