@@ -232,6 +232,7 @@ class TokenStream:
         self.parts = [p for p in self.parts if len(p)]
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
         self.n_tokens = int(self.starts[-1])
+        self.offsets = np.arange(0)
 
     def slice(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length), clipped at the end of the stream."""
@@ -246,11 +247,14 @@ class TokenStream:
             first += 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+    def windows(self, starts: np.ndarray, length: int, last_start: int | None = None) -> np.ndarray:
         """Rows of `length` tokens from each start (int64), -1 past the end of the stream: one gather per
-        Arrow chunk, a `slice` only for the rare row that straddles two chunks."""
-        if len(self.parts) == 1 and starts.max() + length <= self.n_tokens:  # the common case: one gather
-            return self.parts[0][starts[:, None] + np.arange(length)].astype(np.int64)
+        Arrow chunk, a `slice` only for the rare row that straddles two chunks. `last_start`: the largest
+        start when the caller knows it (training asks for a batch every step, and a numpy reduction costs
+        tens of microseconds there)."""
+        last_start = int(starts.max()) if last_start is None else last_start
+        if len(self.parts) == 1 and last_start + length <= self.n_tokens:  # the common case: one gather
+            return self.parts[0][starts[:, None] + self._offsets(length)].astype(np.int64)
         rows = np.full((len(starts), length), -1, dtype=np.int64)
         part = np.searchsorted(self.starts, starts, side="right") - 1
         inside = starts + length <= self.starts[np.minimum(part + 1, len(self.parts))]
@@ -261,6 +265,11 @@ class TokenStream:
             chunk = self.slice(int(starts[row]), length)
             rows[row, : len(chunk)] = chunk
         return rows
+
+    def _offsets(self, length: int) -> np.ndarray:
+        if len(self.offsets) != length:  # one length per stream in practice: made once
+            self.offsets = np.arange(length)
+        return self.offsets
 
     def sample(self, n: int = 4096) -> np.ndarray:
         return np.concatenate([self.slice(0, n), self.slice(max(0, self.n_tokens - n), n)])
@@ -290,9 +299,9 @@ class PackedSequences(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch, (inputs, targets) of shape (len(indices), block_size): the DataLoader calls this with
         each batch's indices, and one gather is far cheaper than a tensor per sequence."""
-        T, index = self.block_size, np.asarray(indices, dtype=np.int64)
-        if index.max() < self.n_whole:  # whole sequences: inputs and targets are two views of one array
-            tokens = torch.from_numpy(self.stream.windows(index * T, T + 1))
+        T, index, last = self.block_size, np.asarray(indices, dtype=np.int64), max(indices)
+        if last < self.n_whole:  # whole sequences: inputs and targets are two views of one array
+            tokens = torch.from_numpy(self.stream.windows(index * T, T + 1, last_start=last * T))
             return tokens[:, :-1], tokens[:, 1:]
         # A partial or padding sequence (evaluation); a padding index starts past the end of the stream: all -1.
         # Copies, as the two overlap; numpy, no torch kernel per batch.

@@ -29,7 +29,7 @@ class TokenMeter:
         target's logit is the largest" (amax + gather: an order of magnitude cheaper than argmax on CPU; a tie
         for the top counts as a hit), and the three sums are added in one go."""
         if mean_loss is not None:
-            n_counted = torch.tensor(targets.numel(), device=self.sums.device)
+            n_counted = torch.full_like(mean_loss, targets.numel())  # filled on the device: no host copy
             loss_sum = mean_loss * n_counted
             hits = logits.gather(-1, targets.unsqueeze(-1)) >= logits.amax(-1, keepdim=True)
         else:
