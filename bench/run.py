@@ -5,9 +5,10 @@
     python bench/run.py --only overhead,data --repeats 6   # some sections, merged into bench/results.json
 
 Every figure comes from separate processes launched the way a user launches them (`python train.py`,
-`accelerate launch`), each measured over log windows after a warm-up window; a configuration's figure is
-the median over its windows and repeats, and compared runs alternate (A B, B A, ...) so that drift in the
-machine hits both sides alike. See the README's "Performance" section for what each figure means.
+`accelerate launch`), each measured over log windows after a warm-up window. A run's speed is its fastest
+window (as `timeit` takes the fastest repeat: other load only ever slows a window down), a configuration's
+figure the median over its runs, and compared runs alternate (A B, B A, ...) so that drift in the machine
+hits both sides alike. See the README's "Performance" section for what each figure means.
 """
 from __future__ import annotations
 
@@ -100,13 +101,12 @@ class Bench:
     def alternate(self, size: str, a: dict, b: dict) -> tuple[dict, dict, list[float]]:
         """Runs of `a` and `b` (each: keyword arguments of `train`), `repeats` each, in the order A B, B A, A B, ...
         (this machine's speed drifts by 10-20% over seconds, so neither side may always go first). Returns
-        both sides merged and each pair's ratio of medians, a / b."""
+        both sides merged and each pair's ratio of speeds (fastest windows), a / b."""
         runs_a, runs_b = [], []
         for repeat in range(max(self.repeats, 1 if self.smoke else self.sizes[size].get("pairs", 0))):
             for side in ((a, runs_a), (b, runs_b))[:: 1 if repeat % 2 == 0 else -1]:
                 side[1].append(self.train(size, **side[0]))
-        pairs = [statistics.median(x["tokens_per_sec"]) / statistics.median(y["tokens_per_sec"])
-                 for x, y in zip(runs_a, runs_b, strict=True)]
+        pairs = [max(x["tokens_per_sec"]) / max(y["tokens_per_sec"]) for x, y in zip(runs_a, runs_b, strict=True)]
         return merge(runs_a), merge(runs_b), pairs
 
     # ------------------------------------------------------------------------- the figures
@@ -234,8 +234,10 @@ class Bench:
 
 
 def merge(runs: list[dict]) -> dict:
-    """Runs of one configuration as one: the median over every measured window, the worst memory."""
-    merged = {**runs[0], "tokens_per_sec": statistics.median(w for r in runs for w in r["tokens_per_sec"]),
+    """Runs of one configuration as one: the median of the runs' speeds, the worst memory. A run's speed is
+    its fastest measured window, as `timeit` takes the fastest repeat: this machine's neighbours only ever
+    slow a window down, by 10-20% at times, and the median window kept that noise in the figures."""
+    merged = {**runs[0], "tokens_per_sec": statistics.median(max(r["tokens_per_sec"]) for r in runs),
               "wall_s": statistics.median(r["wall_s"] for r in runs),
               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
     for key in ("data_wait", "mfu"):
