@@ -170,7 +170,7 @@ def test_freed_host_memory_is_reused_without_page_faults_unless_the_user_tuned_m
 def test_accelerates_per_step_package_lookup_is_made_once(tmp_path):
     import accelerate.optimizer
 
-    engine.build_accelerator(make_config({"output_dir": str(tmp_path)}), log_with=[])
+    engine.build_accelerator(make_config({"output_dir": str(tmp_path)}))
     assert accelerate.optimizer.is_lomo_available.cache_info() is not None
     model = torch.nn.Linear(2, 1)
     optimizer = accelerate.optimizer.AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0))
