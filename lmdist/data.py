@@ -232,7 +232,6 @@ class TokenStream:
         self.parts = [p for p in self.parts if len(p)]
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
         self.n_tokens = int(self.starts[-1])
-        self.offsets = np.arange(0)
 
     def slice(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length), clipped at the end of the stream."""
@@ -254,7 +253,7 @@ class TokenStream:
         tens of microseconds there)."""
         last_start = int(starts.max()) if last_start is None else last_start
         if len(self.parts) == 1 and last_start + length <= self.n_tokens:  # the common case: one gather
-            return self.parts[0][starts[:, None] + self._offsets(length)].astype(np.int64)
+            return self.parts[0][starts[:, None] + np.arange(length)].astype(np.int64)
         rows = np.full((len(starts), length), -1, dtype=np.int64)
         part = np.searchsorted(self.starts, starts, side="right") - 1
         inside = starts + length <= self.starts[np.minimum(part + 1, len(self.parts))]
@@ -265,11 +264,6 @@ class TokenStream:
             chunk = self.slice(int(starts[row]), length)
             rows[row, : len(chunk)] = chunk
         return rows
-
-    def _offsets(self, length: int) -> np.ndarray:
-        if len(self.offsets) != length:  # one length per stream in practice: made once
-            self.offsets = np.arange(length)
-        return self.offsets
 
     def sample(self, n: int = 4096) -> np.ndarray:
         return np.concatenate([self.slice(0, n), self.slice(max(0, self.n_tokens - n), n)])

@@ -22,11 +22,11 @@ pytestmark = pytest.mark.launch
 RECORDER = """import json, os, runpy, sys
 import lmdist.metrics
 update = lmdist.metrics.TokenMeter.update
-def recording_update(self, logits, targets, loss_sum=None):
-    if loss_sum is not None:  # a training batch (evaluation passes no loss_sum)
+def recording_update(self, logits, targets, mean_loss=None):
+    if mean_loss is not None:  # a training batch (evaluation passes no mean_loss)
         with open(os.path.join({folder!r}, f"rank{{os.environ.get('RANK', '0')}}.jsonl"), "a") as f:
             f.write(json.dumps(targets.tolist()) + "\\n")
-    return update(self, logits, targets, loss_sum)
+    return update(self, logits, targets, mean_loss)
 lmdist.metrics.TokenMeter.update = recording_update
 sys.argv[0] = {train!r}
 runpy.run_path(sys.argv[0], run_name="__main__")
