@@ -6,6 +6,9 @@ hidden state, as in the lesson: results do not depend on how sequences are split
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch import nn
 
@@ -35,7 +38,22 @@ class LSTMLanguageModel(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, time) -> next-token logits (batch, time, vocab)."""
         x = self.drop(self.embedding(idx))
-        for layer in self.layers:
-            x, _ = layer(x)  # no initial state: each sequence starts from zeros
-            x = self.drop(x)
+        with _lstm_precision(x.device):
+            for layer in self.layers:
+                x, _ = layer(x)  # no initial state: each sequence starts from zeros
+                x = self.drop(x)
         return self.decoder(x)
+
+
+def _lstm_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """fp32 LSTM layers under CPU bf16 autocast where oneDNN has no bf16 LSTM (CPUs without AVX-512): torch
+    2.13 still hands autocast's bf16 LSTM to oneDNN there, which fails with "could not create a primitive
+    descriptor". The embedding and the decoder keep the run's precision."""
+    if device.type == "cpu" and torch.is_autocast_enabled("cpu") and not _onednn_bf16():
+        return torch.autocast("cpu", enabled=False)
+    return contextlib.nullcontext()
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
