@@ -47,16 +47,16 @@ def main(argv: list[str]) -> None:
         checkpoint.check_same_data(resume, corpus.fingerprint)
     workers = engine.dataloader_workers(cfg, accelerator.device)
     val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
-    val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator.num_processes, cfg.eval_batches, workers)
+    val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator, cfg.eval_batches, workers)
     if cfg.streaming:  # each rank reads its own part of the stream, packed on the fly
         stream = streaming.open_stream(cfg, accelerator.process_index, accelerator.num_processes)
         train_set = streaming.StreamedSequences(stream, corpus.tokenizer, cfg.text_column, cfg.block_size)
+        train_loader = streaming.StreamLoader(train_set, cfg.batch_size, accelerator.device)
         plan = Plan.for_stream(cfg, accelerator.num_processes)
     else:
         train_set = data.PackedSequences(corpus.train, cfg.block_size, keep_partial=False)
         plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
-        train_loader = data.train_loader(train_set, cfg.batch_size, accelerator.num_processes, cfg.grad_accum,
-                                         cfg.seed, workers)
+        train_loader = data.train_loader(train_set, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator, workers)
 
     model = build_model(cfg, corpus.tokenizer.vocab_size)
     if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
@@ -66,12 +66,7 @@ def main(argv: list[str]) -> None:
     model = engine.compile_if_asked(model, cfg, accelerator.device)
     optimizer = engine.build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
-    if cfg.streaming:
-        model, optimizer, val_loader, scheduler = engine.prepare(accelerator, model, optimizer, val_loader, scheduler)
-        train_loader = streaming.StreamLoader(train_set, cfg.batch_size, accelerator.device)
-    else:
-        model, optimizer, train_loader, val_loader, scheduler = engine.prepare(
-            accelerator, model, optimizer, train_loader, val_loader, scheduler)
+    model, optimizer, scheduler = engine.prepare(accelerator, model, optimizer, scheduler)  # the loaders place batches
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 
     train_meter = TokenMeter(accelerator.device)
@@ -106,7 +101,8 @@ def main(argv: list[str]) -> None:
         for epoch in range(progress.epoch, cfg.epochs):
             # A fresh, seeded shuffle each epoch; a resumed epoch skips the batches it already trained on.
             skip = progress.batches_in_epoch if epoch == progress.epoch else 0
-            data.start_epoch(train_loader, epoch, skip)
+            if not cfg.streaming:  # a stream has no epochs: its position is part of its state
+                train_loader.set_epoch(epoch, skip)
             progress.epoch, progress.batches_in_epoch = epoch, skip
             for inputs, targets in throughput.timed(train_loader):  # timed: the wait for each batch
                 with accelerator.accumulate(model):

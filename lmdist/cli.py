@@ -60,6 +60,9 @@ def peak(seconds: float = 1.0, threads: int | None = None) -> None:
                                            / 1e12 if perf.onednn_usable(device, torch.float32) else None),
         "matmul": f"{n}^3",
     }
+    if device.type == "cpu" and not perf.native_cpu_bf16():
+        report.update(cpu_bf16="emulated (no oneDNN bf16 kernels for this CPU)",
+                      bf16_matmul=f"{perf.EMULATED_BF16_MATMUL}^3")
     print(json.dumps(report, indent=2))
 
 

@@ -6,8 +6,8 @@ so every token after the first is a target exactly once. The stream is read stra
 memory-mapped Arrow files `datasets` wrote, so a corpus larger than RAM works.
 
 Batches are drawn the way one big process would draw them: one seeded permutation per epoch, cut
-into global batches of world_size * batch_size sequences; Accelerate's `split_batches` hands each
-rank its contiguous slice. So 2 ranks x batch b see exactly the batches of 1 process x batch 2b.
+into global batches of world_size * batch_size sequences, of which each rank takes its contiguous
+slice. So 2 ranks x batch b see exactly the batches of 1 process x batch 2b.
 """
 from __future__ import annotations
 
@@ -287,23 +287,29 @@ class PackedSequences(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = self.__getitems__([i])
+        inputs, targets = pairs(*self.__getitems__([i]))
         return inputs[0], targets[0]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole batch, (inputs, targets) of shape (len(indices), block_size): the DataLoader calls this with
-        each batch's indices, and one gather is far cheaper than a tensor per sequence."""
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, bool]:
+        """Sequences `indices` as rows of block_size + 1 tokens (-1 past the end of the stream), and whether
+        all of them are whole; `pairs` cuts them into inputs and targets. One gather for the lot: the
+        DataLoader calls this with a batch's indices, and a tensor per sequence costs far more."""
         T, index, last = self.block_size, np.asarray(indices, dtype=np.int64), max(indices)
-        if last < self.n_whole:  # whole sequences: inputs and targets are two views of one array
-            tokens = torch.from_numpy(self.stream.windows(index * T, T + 1, last_start=last * T))
-            return tokens[:, :-1], tokens[:, 1:]
-        # A partial or padding sequence (evaluation); a padding index starts past the end of the stream: all -1.
-        # Copies, as the two overlap; numpy, no torch kernel per batch.
-        tokens = self.stream.windows(np.where(index < self.n, index * T, self.stream.n_tokens), T + 1)
-        inputs, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
-        missing = targets < 0
-        inputs[missing], targets[missing] = 0, IGNORE_INDEX
-        return torch.from_numpy(inputs), torch.from_numpy(targets)
+        if last < self.n_whole:
+            return torch.from_numpy(self.stream.windows(index * T, T + 1, last_start=last * T)), True
+        # a partial or padding sequence (evaluation); a padding index starts past the end of the stream: all -1
+        return torch.from_numpy(self.stream.windows(np.where(index < self.n, index * T, self.stream.n_tokens),
+                                                    T + 1)), False
+
+
+def pairs(rows: torch.Tensor, whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of rows of block_size + 1 tokens: views of the rows when every sequence is whole,
+    else with a missing target set to IGNORE_INDEX (and its input to 0)."""
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    if whole:
+        return inputs, targets
+    missing = targets < 0
+    return inputs.masked_fill(missing, 0), targets.masked_fill(missing, IGNORE_INDEX)
 
 
 class EpochPermutation(Sampler[int]):
@@ -311,23 +317,15 @@ class EpochPermutation(Sampler[int]):
 
     The permutation depends only on the seed and the epoch -- not on the world size or on how many
     epochs ran in this process -- so any rank, any launch and any resume draws the same order.
-    `resume_at(epoch, batches)` leaves out the first global batches of that one epoch (those a resumed
-    run already trained on).
     """
 
     def __init__(self, n: int, num_samples: int, seed: int, global_batch: int):
         self.n, self.num_samples, self.seed, self.global_batch = n, num_samples, seed, global_batch
-        self.epoch, self.skip_epoch, self.skip_batches = 0, 0, 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch  # Accelerate calls this again at every __iter__: keep it free of other effects
-
-    def resume_at(self, epoch: int, batches: int) -> None:
-        self.skip_epoch, self.skip_batches = epoch, batches
-
-    @property
-    def skip(self) -> int:
-        return self.skip_batches * self.global_batch if self.epoch == self.skip_epoch else 0
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Draw `epoch`'s order, leaving out its first `skip_batches` global batches (a resumed run's)."""
+        self.epoch, self.skip = epoch, skip_batches * self.global_batch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -337,20 +335,6 @@ class EpochPermutation(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    """Begin `epoch`'s shuffle on a (prepared) training loader, leaving out its first `skip_batches` global batches.
-
-    A stream has no epochs to begin: its position is restored with its own state.
-    """
-    if not hasattr(loader, "set_epoch"):
-        return
-    loader.set_epoch(epoch)
-    sampler = loader
-    while not isinstance(sampler, EpochPermutation):  # through Accelerate's wrappers to ours
-        sampler = getattr(sampler, "batch_sampler", None) or sampler.sampler
-    sampler.resume_at(epoch, skip_batches)
 
 
 class PaddedRange(Sampler[int]):
@@ -369,35 +353,90 @@ class PaddedRange(Sampler[int]):
         return self.total
 
 
-def train_loader(sequences: PackedSequences, batch_size: int, world_size: int, grad_accum: int,
-                 seed: int, num_workers: int = 0) -> DataLoader:
+class BatchLoader:
+    """This rank's share of every global batch of `batch_sampler`, on the accelerator's device.
+
+    The global batches are the same on every rank and at any world size; rank r takes their rows
+    [r*b, (r+1)*b) (Accelerate's `split_batches`). Reading a batch costs tens of microseconds of Python and
+    numpy whatever its size -- about 1% of a small model's step (LSTM S) -- so consecutive batches are read
+    together with one gather (in worker processes with `num_workers`), copied to the device at once and
+    handed out as views. A checkpoint records how many batches were trained on, so reading ahead never
+    shifts a resume; the samplers run in this process, so resume positions stay exact.
+
+    Not an Accelerate-prepared loader: that reads and places every batch on its own. What else it offers --
+    sharding, ending gradient accumulation with the epoch, seeding -- the samplers here already do.
+    """
+
+    def __init__(self, sequences: PackedSequences, batch_sampler: BatchSampler, accelerator, num_workers: int = 0):
+        self.batch_sampler, self.device = batch_sampler, accelerator.device
+        self.batch_size = batch_sampler.batch_size // accelerator.num_processes
+        batch_bytes = self.batch_size * (sequences.block_size + 1) * 8
+        ahead = max(1, min(READ_AHEAD_BATCHES, READ_AHEAD_BYTES // batch_bytes))
+        reads = _Reads(batch_sampler, accelerator.process_index, self.batch_size, ahead)
+        # pinned host memory lets the copy to a GPU overlap compute
+        self.loader = DataLoader(sequences, batch_sampler=reads, collate_fn=_already_read, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0, pin_memory=self.device.type == "cuda",
+                                 generator=_private_generator())
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Begin `epoch`'s shuffle, leaving out its first `skip_batches` global batches (a resumed epoch)."""
+        self.batch_sampler.sampler.set_epoch(epoch, skip_batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for rows, whole in self.loader:
+            inputs, targets = pairs(rows.to(self.device, non_blocking=True), whole)
+            for start in range(0, len(inputs), self.batch_size):
+                yield inputs[start: start + self.batch_size], targets[start: start + self.batch_size]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+READ_AHEAD_BATCHES, READ_AHEAD_BYTES = 16, 8 << 20  # a read: at most 16 batches and 8 MiB
+
+
+class _Reads(Sampler[list[int]]):
+    """The sequence indices of each read: this rank's rows of `ahead` consecutive global batches."""
+
+    def __init__(self, batch_sampler: BatchSampler, rank: int, batch_size: int, ahead: int):
+        self.batch_sampler, self.ahead = batch_sampler, ahead
+        self.mine = slice(rank * batch_size, (rank + 1) * batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        read = []
+        for n, batch in enumerate(self.batch_sampler, 1):
+            read += batch[self.mine]
+            if n % self.ahead == 0:
+                yield read
+                read = []
+        if read:
+            yield read
+
+    def __len__(self) -> int:
+        return -(-len(self.batch_sampler) // self.ahead)
+
+
+def train_loader(sequences: PackedSequences, batch_size: int, grad_accum: int, seed: int, accelerator,
+                 num_workers: int = 0) -> BatchLoader:
     """Shuffled global batches; each epoch's remainder that cannot fill an optimizer step is dropped."""
-    global_batch = batch_size * world_size
+    global_batch = batch_size * accelerator.num_processes
     micro_batches = len(sequences) // global_batch // grad_accum * grad_accum
     sampler = EpochPermutation(len(sequences), micro_batches * global_batch, seed, global_batch)
-    return _loader(sequences, BatchSampler(sampler, global_batch, drop_last=True), num_workers)
+    return BatchLoader(sequences, BatchSampler(sampler, global_batch, drop_last=True), accelerator, num_workers)
 
 
-def eval_loader(sequences: PackedSequences, batch_size: int, world_size: int, max_batches: int = 0,
-                num_workers: int = 0) -> DataLoader:
+def eval_loader(sequences: PackedSequences, batch_size: int, accelerator, max_batches: int = 0,
+                num_workers: int = 0) -> BatchLoader:
     """Every sequence once, in order (the first `max_batches` global batches when set); padded so that
     every rank gets the same number of full batches."""
-    global_batch = batch_size * world_size
+    global_batch = batch_size * accelerator.num_processes
     sampler = PaddedRange(len(sequences), global_batch, max_batches * global_batch)
-    return _loader(sequences, BatchSampler(sampler, global_batch, drop_last=False), num_workers)
+    return BatchLoader(sequences, BatchSampler(sampler, global_batch, drop_last=False), accelerator, num_workers)
 
 
-def _loader(sequences: PackedSequences, batch_sampler: BatchSampler, num_workers: int) -> DataLoader:
-    """The sampler runs in this process (so resume positions stay exact); workers only slice sequences.
-    Pinned host memory lets Accelerate copy batches to a GPU without blocking."""
-    return DataLoader(sequences, batch_sampler=batch_sampler, collate_fn=_already_batched, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      generator=_private_generator())
-
-
-def _already_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`PackedSequences.__getitems__` returns whole batches: nothing left to collate."""
-    return batch
+def _already_read(read: tuple[torch.Tensor, bool]) -> tuple[torch.Tensor, bool]:
+    """`PackedSequences.__getitems__` returns the read's rows in one tensor: nothing left to collate."""
+    return read
 
 
 def _private_generator() -> torch.Generator:

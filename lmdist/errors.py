@@ -6,6 +6,8 @@ traceback.
 """
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -35,10 +37,17 @@ def run_cli(main: Callable[[], object]) -> None:
     """Call `main()`; turn an `LmdistError` into its message on stderr and its exit status.
 
     Every rank prints the message (prefixed by its rank when there are several), so the reason
-    is visible whichever rank's log a user opens.
+    is visible whichever rank's log a user opens. A rank killed by a fatal signal (SIGSEGV, SIGABRT)
+    prints every thread's Python stack first.
     """
+    if not faulthandler.is_enabled() and sys.__stderr__ is not None:
+        faulthandler.enable(sys.__stderr__)
     try:
         main()
+        # Free the run's Arrow-backed datasets while the interpreter is whole: Arrow's native threads
+        # torn down during interpreter finalization can abort an exit that had succeeded
+        # ("terminate called without an active exception": apache/arrow#34314, huggingface/datasets#7566).
+        gc.collect()
         _close_process_group()
     except LmdistError as error:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)

@@ -74,9 +74,8 @@ def evaluate_saved(folder: str, dataset: str | None, split: str | None, batch_si
         rows = data.pick_split(data.load_dataset_dict(dataset, cfg), (split,) if split else data.EVAL_SPLITS, dataset)
     tokens = data.TokenStream(data.tokenize(rows, saved.tokenizer, cfg.text_column))
     sequences = data.PackedSequences(tokens, cfg.block_size, keep_partial=True)
-    loader = data.eval_loader(sequences, cfg.batch_size, accelerator.num_processes)
-    model, loader = accelerator.prepare(load_model(saved), loader)
-    metrics = evaluate(model, loader, accelerator)
+    loader = data.eval_loader(sequences, cfg.batch_size, accelerator)
+    metrics = evaluate(accelerator.prepare(load_model(saved)), loader, accelerator)
     return {**metrics, "tokens": tokens.n_tokens - 1, "checkpoint": folder, "dataset": dataset or cfg.dataset,
             "split": split or ("validation" if dataset is None else "auto")}
 

@@ -10,6 +10,7 @@ on CPU in fp32 the faster of torch's matmul (its BLAS) and oneDNN's.
 """
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -44,8 +45,11 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None
                          seconds: float = 0.1, onednn: bool = False) -> float:
     """The best rate of an n x n x n matmul over about `seconds` (after one warm-up), in FLOP/s: torch's
     matmul, or with `onednn` (CPU) oneDNN's, which fp32 matmuls on some CPUs run at twice the rate of
-    torch's BLAS (MKL keeps to AVX2 on AMD CPUs; oneDNN uses AVX-512)."""
+    torch's BLAS (MKL keeps to AVX2 on AMD CPUs; oneDNN uses AVX-512). bf16 on a CPU that emulates it is
+    measured at n <= 512 (a 2048^3 one would take a minute)."""
     n = n or (8192 if device.type == "cuda" else 1024)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not native_cpu_bf16():
+        n = min(n, EMULATED_BF16_MATMUL)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     if onednn:
         a, b = a.to_mkldnn(), b.to_mkldnn()
@@ -64,6 +68,17 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None
     return best
 
 
+EMULATED_BF16_MATMUL = 512
+
+
+@functools.cache
+def native_cpu_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 and newer). Without them torch runs bf16 matmuls
+    in reference loops -- under 1 GFLOP/s on an AVX2 EPYC core against 100 in fp32 -- and oneDNN's LSTM
+    refuses bf16 altogether."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
@@ -78,12 +93,16 @@ def peak_flops(device: torch.device, mixed_precision: str, peak_tflops: float | 
         if known:
             return known
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    emulated = device.type == "cpu" and dtype == torch.bfloat16 and not native_cpu_bf16()
+    if emulated:  # emulated bf16 computes in fp32 units: their rate is the limit (and takes 0.1 s, not 6 s, to measure)
+        dtype = torch.float32
     measured = {"torch": measure_matmul_flops(device, dtype)}
     if onednn_usable(device, dtype):  # the machine's fp32 peak is the faster of the two (the LSTM runs oneDNN)
         measured["oneDNN"] = measure_matmul_flops(device, dtype, onednn=True)
     kernel = max(measured, key=measured.get)
     where = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    return Peak(measured[kernel], f"measured {str(dtype).removeprefix('torch.')} matmul ({kernel}){where}")
+    note = "; this CPU emulates bf16" if emulated else ""
+    return Peak(measured[kernel], f"measured {str(dtype).removeprefix('torch.')} matmul ({kernel}){where}{note}")
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

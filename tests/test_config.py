@@ -141,3 +141,13 @@ def test_lmdist_console_script():
                          env={**os.environ, "WORLD_SIZE": "4", "ACCELERATE_USE_CPU": "1"})
     assert env.returncode == 0
     assert "accelerator_available: false" in env.stdout and '"WORLD_SIZE": "4"' in env.stdout
+
+
+def test_a_rank_killed_by_a_fatal_signal_prints_its_python_stack():
+    """An abort inside native code (gloo, Arrow) names the Python line it happened under, in the rank's log."""
+    code = ("import os\nfrom lmdist.errors import run_cli\n"
+            "def train_step():\n    os.abort()\n"
+            "run_cli(train_step)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -6 and "Fatal Python error: Aborted" in result.stderr
+    assert "in train_step" in result.stderr

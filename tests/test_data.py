@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from lmdist import corpus
+from lmdist import corpus, data
 from lmdist.config import TrainConfig
 from lmdist.data import (
     IGNORE_INDEX,
@@ -16,6 +17,7 @@ from lmdist.data import (
     TokenStream,
     eval_loader,
     load_rows,
+    pairs,
     tokenize,
     train_loader,
 )
@@ -96,7 +98,7 @@ def test_batched_windows_equal_slices_across_chunks_and_the_end():
         piece = stream.slice(int(start), 4).tolist() if start < 50 else []
         assert row.tolist() == piece + [-1] * (4 - len(piece))
     sequences = PackedSequences(stream, block_size=4, keep_partial=True)  # 13 sequences, the last one partial
-    inputs, targets = sequences.__getitems__(list(range(14)))  # and one past the end
+    inputs, targets = pairs(*sequences.__getitems__(list(range(14))))  # and one past the end
     for i in range(14):
         assert inputs[i].tolist() == sequences[i][0].tolist() and targets[i].tolist() == sequences[i][1].tolist()
     assert inputs[12].tolist() == [48, 0, 0, 0]
@@ -124,24 +126,56 @@ def test_shuffle_depends_only_on_seed_and_epoch():
     assert list(a) == list(b) and len(set(a)) == 96
     b.set_epoch(4)
     assert list(a) != list(b)
+    b.set_epoch(3, skip_batches=5)  # a resumed epoch: the same order without its first 5 global batches
+    assert list(b) == list(a)[20:] and len(b) == 76
 
 
-def test_train_loader_drops_the_remainder_and_shards_nothing_itself():
+def place(rank: int = 0, world_size: int = 1) -> SimpleNamespace:
+    """What the loaders use of an Accelerator."""
+    return SimpleNamespace(process_index=rank, num_processes=world_size, device=torch.device("cpu"))
+
+
+def test_train_loader_drops_the_remainder():
     seqs = PackedSequences(stream_of([list(range(330))]), block_size=8, keep_partial=False)  # 41 sequences
-    loader = train_loader(seqs, batch_size=2, world_size=2, grad_accum=3, seed=0)
+    loader = train_loader(seqs, batch_size=2, grad_accum=3, seed=0, accelerator=place(0, 2))
     batches = list(loader.batch_sampler)
     # 41 // 4 = 10 global batches, cut to 9 (a multiple of grad_accum): 36 sequences, none twice
-    assert len(batches) == 9 and all(len(b) == 4 for b in batches)
+    assert len(batches) == 9 and all(len(b) == 4 for b in batches) and len(loader) == 9
     assert len({i for b in batches for i in b}) == 36
+
+
+@pytest.mark.parametrize("ahead", [1, 4, 16])  # reads of one batch, of several (the last one short), of all
+def test_ranks_share_each_global_batch_in_order(ahead, monkeypatch):
+    monkeypatch.setattr(data, "READ_AHEAD_BATCHES", ahead)
+    seqs = PackedSequences(stream_of([list(range(330))]), block_size=8, keep_partial=False)  # 41 sequences
+    one, *ranks = (train_loader(seqs, batch_size=b, grad_accum=1, seed=3, accelerator=place(r, w))
+                   for b, r, w in ((4, 0, 1), (2, 0, 2), (2, 1, 2)))
+    for loader in (one, *ranks):
+        loader.set_epoch(2, skip_batches=1)
+    expected = [pairs(*seqs.__getitems__(batch)) for batch in one.batch_sampler]
+    assert len(expected) == 9  # 10 global batches in the epoch, the first skipped
+    for (inputs, targets), *shares in zip(one, *ranks, strict=True):
+        want_inputs, want_targets = expected.pop(0)
+        assert torch.equal(inputs, want_inputs) and torch.equal(targets, want_targets)
+        assert torch.equal(torch.cat([share[0] for share in shares]), inputs)
+        assert torch.equal(torch.cat([share[1] for share in shares]), targets)
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])  # each target is the next input
 
 
 def test_eval_loader_pads_to_whole_batches_and_limits():
     seqs = PackedSequences(stream_of([list(range(50))]), block_size=4, keep_partial=True)  # 13 sequences
-    batches = list(eval_loader(seqs, batch_size=3, world_size=2).batch_sampler)
+    batches = list(eval_loader(seqs, batch_size=3, accelerator=place(0, 2)).batch_sampler)
     assert [len(b) for b in batches] == [6, 6, 6]
     flat = [i for b in batches for i in b]
     assert flat[:13] == list(range(13)) and flat[13:] == [13] * 5
-    assert len(list(eval_loader(seqs, batch_size=3, world_size=2, max_batches=1).batch_sampler)) == 1
+    assert len(list(eval_loader(seqs, batch_size=3, accelerator=place(0, 2), max_batches=1).batch_sampler)) == 1
+    # rank 0's last batch: the partial sequence 12 and two pads; every target of the stream counted once
+    targets = torch.cat([t for r in (0, 1) for _, t in eval_loader(seqs, batch_size=3, accelerator=place(r, 2))])
+    assert sorted(targets[targets != IGNORE_INDEX].tolist()) == list(range(1, 50))
+    last_inputs, last_targets = list(eval_loader(seqs, batch_size=3, accelerator=place(0, 2)))[-1]
+    assert last_targets.tolist() == [[49, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 4,
+                                     [IGNORE_INDEX] * 4]
+    assert last_inputs.tolist() == [[48, 0, 0, 0], [0] * 4, [0] * 4]
 
 
 # ----------------------------------------------------------------------------- sources

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lmdist import engine, perf
 from lmdist.config import make_config
+from lmdist.errors import ConfigError
 from lmdist.models import GPT, LSTMLanguageModel
 
 
@@ -103,6 +105,25 @@ def test_peaks_from_the_setting_the_datasheet_or_a_measurement():
     assert measured.flops > 1e9 and "measured float32 matmul" in measured.source
 
 
+def test_a_cpu_that_emulates_bf16_is_named_and_measured_by_its_fp32_units(monkeypatch):
+    """Without oneDNN bf16 kernels bf16 autocast is emulated (5x slower than fp32 on an AVX2 EPYC): the user is
+    warned, and `mfu` divides by the fp32 rate the emulation runs on, not by a bf16 rate that the model's
+    own emulated matmuls exceed (mfu 5.5 before)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(perf, "native_cpu_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 kernels.*without --mixed_precision bf16"):
+        engine.check_precision("bf16", cpu)
+    peak = perf.peak_flops(cpu, "bf16", None)
+    assert "measured float32 matmul" in peak.source and "emulates bf16" in peak.source and peak.flops > 1e9
+    monkeypatch.setattr(perf, "native_cpu_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.check_precision("bf16", cpu)
+        engine.check_precision("bf16", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="fp16 mixed precision needs a GPU"):
+        engine.check_precision("fp16", cpu)
+
+
 def test_peak_memory_is_this_process_resident_peak():
     before = perf.peak_memory(torch.device("cpu"))["peak_rss_mb"]
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
@@ -133,8 +154,10 @@ def test_lmdist_peak_reports_measured_matmul_rates():
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["device"] == "cpu" and report["threads"] == 1 and report["datasheet_bf16_tflops"] is None
-    assert report["measured_tflops"]["float32"] > 0.001 and report["measured_tflops"]["bfloat16"] > 0.001
-    assert report["measured_onednn_float32_tflops"] > 0.001
+    assert report["measured_tflops"]["float32"] > 0.001 and report["measured_onednn_float32_tflops"] > 0.001
+    # emulated bf16 (CPUs without AVX-512) runs at about 1 GFLOP/s, measured on a smaller matmul
+    assert report["measured_tflops"]["bfloat16"] > (1e-4 if "cpu_bf16" in report else 0.001)
+    assert ("cpu_bf16" in report) == (not perf.native_cpu_bf16())
 
 
 # A child process: a "step" touches 16 buffers of 10 MB and frees them; the page faults of the second step.

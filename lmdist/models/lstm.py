@@ -7,10 +7,11 @@ hidden state, as in the lesson: results do not depend on how sequences are split
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch import nn
+
+from lmdist.perf import native_cpu_bf16
 
 
 class LSTMLanguageModel(nn.Module):
@@ -49,11 +50,7 @@ def _lstm_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """fp32 LSTM layers under CPU bf16 autocast where oneDNN has no bf16 LSTM (CPUs without AVX-512): torch
     2.13 still hands autocast's bf16 LSTM to oneDNN there, which fails with "could not create a primitive
     descriptor". The embedding and the decoder keep the run's precision."""
-    if device.type == "cpu" and torch.is_autocast_enabled("cpu") and not _onednn_bf16():
+    if device.type == "cpu" and torch.is_autocast_enabled("cpu") and not native_cpu_bf16():
         return torch.autocast("cpu", enabled=False)
     return contextlib.nullcontext()
 
-
-@functools.cache
-def _onednn_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
