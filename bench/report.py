@@ -44,12 +44,15 @@ def render(results: dict) -> str:
     """The Performance block, BEGIN to END, for `results` as bench/run.py writes them."""
     m, peak, targets = results["machine"], results["peak"], results["targets"]
     lines = [BEGIN, "",
-             f"Measured {m['date']} on **{m['cpu']}, {m['cores']} cores** (torch {m['torch']}), "
+             f"Measured {m['date']} on **{m['cpu']}, {m['cores']} cores{', ' + m['isa'] if 'isa' in m else ''}** "
+             f"(torch {m['torch']}), "
              f"compared runs alternating (A B, B A, ...){' (SMOKE RUN: not figures)' if results['smoke'] else ''}. "
              f"Peak of this machine, measured in the same run (2048^3 matmul, {m['cores']} threads): "
              f"**fp32 {peak['fp32_flops'] / 1e9:,.0f} GFLOP/s with torch's matmul, "
              f"{peak['fp32_onednn_flops'] / 1e9:,.0f} GFLOP/s with oneDNN's; "
-             f"bf16 {peak['bf16_flops'] / 1e9:,.0f} GFLOP/s**.", ""]
+             f"bf16 {peak['bf16_flops'] / 1e9:,.0f} GFLOP/s**"
+             f"{' (emulated: this CPU has no bf16 kernels; a 512^3 matmul)' if m.get('bf16') == 'emulated' else ''}.",
+             ""]
     if "overhead" in results:
         lines += [f"**Overhead**: lmdist against the plain PyTorch loop, 1 process, {m['cores']} threads "
                   f"(target >= {targets['overhead']})", ""]

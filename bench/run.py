@@ -1,6 +1,6 @@
 """lmdist's benchmark suite: whole training runs, repeated, compared side by side in one invocation.
 
-    python bench/run.py                  # the suite (about 30 minutes on 2 cores): table, bench/results.json, README
+    python bench/run.py                  # the suite (about 45 min on 2 AVX2 cores): table, results.json, README
     python bench/run.py --smoke          # seconds per section, tiny models: checks the harness, asserts no figure
     python bench/run.py --only overhead,data --repeats 6   # some sections, merged into bench/results.json
 
@@ -206,7 +206,7 @@ class Bench:
             eager = self.efficiency_runs.get(size) or merge([self.train(size)])
             for option, overrides, env, peak_flops in (
                     ("compile", {"compile": True}, {}, max(peak["fp32_flops"], peak["fp32_onednn_flops"])),
-                    ("bf16", {}, {"ACCELERATE_MIXED_PRECISION": "bf16"}, peak["bf16_flops"])):
+                    ("bf16", {}, {"ACCELERATE_MIXED_PRECISION": "bf16"}, bf16_peak(peak))):
                 run = merge([self.train(size, overrides, env=env)])
                 rows.append({"size": size, "option": option, "eager_tokens_per_sec": eager["tokens_per_sec"],
                              "tokens_per_sec": run["tokens_per_sec"],
@@ -252,11 +252,23 @@ def flag_dict(flags: str) -> dict[str, str]:
     return {name.removeprefix("--"): value for name, value in zip(words[::2], words[1::2], strict=True)}
 
 
+def bf16_peak(peak: dict) -> float:
+    """The bf16 MFU denominator: the bf16 matmul rate, or on a CPU that emulates bf16 the fp32 rate the
+    emulation runs on (as `mfu` in training)."""
+    return peak["bf16_flops"] if perf.native_cpu_bf16() else max(peak["fp32_flops"], peak["fp32_onednn_flops"])
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two `machine()` records describe the same hardware and software (the date aside)."""
+    return {k: v for k, v in a.items() if k != "date"} == {k: v for k, v in b.items() if k != "date"}
+
+
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
                  platform.processor() or platform.machine())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "isa": torch.backends.cpu.get_cpu_capability(),
+            "bf16": "native" if perf.native_cpu_bf16() else "emulated", "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -281,9 +293,13 @@ def main() -> None:
         sections = sorted(sections, key=SECTIONS.index)
     out = args.out or (None if args.smoke else str(REPO / "bench" / "results.json"))
     readme = args.readme or (None if args.smoke else str(REPO / "README.md"))
+    partial = out and Path(out).exists() and set(sections) != set(SECTIONS)
+    if partial and not same_machine(json.loads(Path(out).read_text())["machine"], machine()):
+        parser.error(f"{out} holds figures from another machine or torch; a partial run would mix them into one "
+                     "table: run the whole suite here (without --only), or pass --out for a separate file")
     with tempfile.TemporaryDirectory(prefix="lmdist-bench-") as workdir:
         results = Bench(args.smoke, 1 if args.smoke else args.repeats, workdir).run(sections)
-    if out and Path(out).exists() and set(sections) != set(SECTIONS):  # a partial run refreshes its sections
+    if partial:  # a partial run refreshes its sections
         results = {**json.loads(Path(out).read_text()), **{s: results[s] for s in sections}}
     if out:  # first: the figures outlive any problem in presenting them
         Path(out).write_text(json.dumps(results, indent=2) + "\n")

@@ -66,7 +66,7 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
                           "(torchrun: ACCELERATE_MIXED_PRECISION=bf16) or without mixed precision")
     if mixed_precision == "bf16" and not perf.native_cpu_bf16():
         warnings.warn("this CPU has no bf16 kernels (oneDNN needs AVX-512 or newer): bf16 autocast is emulated "
-                      "and trains several times slower than fp32 here (a small GPT: 5x on an AVX2 EPYC); "
+                      "and trains many times slower than fp32 here (GPTs: 5-20x on an AVX2 EPYC); "
                       "launch without --mixed_precision bf16 to train in fp32", stacklevel=2)
 
 

@@ -41,3 +41,13 @@ def test_smoke_run_exercises_every_section(tmp_path):
     text = readme.read_text()
     assert report.render(results) in text and "stale table" not in text and text.endswith("after\n")
     assert report.render(results) in done.stdout  # the table is printed too
+
+
+def test_a_partial_run_refuses_to_mix_machines_in_one_table(tmp_path):
+    out = tmp_path / "results.json"
+    saved = json.loads((REPO / "bench" / "results.json").read_text())
+    out.write_text(json.dumps({**saved, "machine": {**saved["machine"], "cpu": "another CPU"}}))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--only", "data", "--out", str(out),
+                           "--readme", str(tmp_path / "README.md")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "figures from another machine" in done.stderr
+    assert json.loads(out.read_text())["machine"]["cpu"] == "another CPU"  # left as it was
