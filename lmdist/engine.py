@@ -132,9 +132,13 @@ def dataloader_workers(cfg: TrainConfig, device: torch.device) -> int:
 
 
 def prepare(accelerator: Accelerator, model: torch.nn.Module, *objects):
-    """`accelerator.prepare`, except that a model lmdist sharded itself is not wrapped in DDP."""
+    """`accelerator.prepare`, except that a model lmdist sharded itself is not wrapped in DDP; Accelerate's FSDP
+    (on GPUs) wraps the unit classes this model has."""
     if sharding.is_sharded(model):
         return (model, *accelerator.prepare(*objects))
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        plugin.transformer_cls_names_to_wrap = sharding.unit_names(model)
     return accelerator.prepare(model, *objects)
 
 

@@ -14,6 +14,8 @@ import os
 import torch
 from torch import nn
 
+from lmdist.errors import ConfigError
+
 DEFAULT_UNITS = ("Block", "LSTM")
 
 
@@ -25,8 +27,7 @@ def shard(model: nn.Module) -> nn.Module:
     """Apply fully_shard to each unit module, then to the root (parameters become DTensor shards)."""
     from torch.distributed.fsdp import fully_shard
 
-    units = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or ",".join(DEFAULT_UNITS)
-    names = {name.strip() for name in units.split(",")}
+    names = set(unit_names(model))
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
     recompute = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
     for module in list(model.modules())[1:]:
@@ -36,6 +37,19 @@ def shard(model: nn.Module) -> nn.Module:
             fully_shard(module, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
     return model
+
+
+def unit_names(model: nn.Module) -> list[str]:
+    """The module classes named in the config's `fsdp_transformer_layer_cls_to_wrap` (default: a GPT Block and
+    an nn.LSTM) that `model` has: one config serves both models, while Accelerate refuses a name the model lacks."""
+    asked = [n.strip() for n in (os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or ",".join(DEFAULT_UNITS)).split(",")]
+    present = {type(module).__name__ for module in model.modules()}
+    kept = [name for name in asked if name in present]
+    if not kept:
+        raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap names {', '.join(asked)}, and this "
+                          f"{type(model).__name__} has none of them: name its repeated layers (GPT: Block; LSTM: "
+                          "LSTM), or leave the field out for both")
+    return kept
 
 
 def _recomputed(forward):

@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
+import yaml
+from accelerate.utils import FullyShardedDataParallelPlugin
 
+from lmdist import engine, sharding
+from lmdist.config import make_config
+from lmdist.errors import ConfigError
+from lmdist.models import build_model
 from tests.conftest import (
     REPO,
     TINY_GPT,
@@ -31,7 +39,8 @@ def accelerate(config: str, *launch_flags: str, train_args: list[str], cwd, wait
 
 @pytest.mark.parametrize("config, flags, world_size, distributed_type, mixed_precision", [
     ("single_gpu.yaml", [], 1, "NO", "bf16"),
-    ("multi_gpu.yaml", ["--num_processes", "2"], 2, "MULTI_CPU", "bf16"),
+    pytest.param("multi_gpu.yaml", ["--num_processes", "2"], 2, "MULTI_CPU", "bf16", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CPU machines only: on GPUs it needs 2 of them and trains MULTI_GPU")),
 ])
 def test_config_runs_on_cpu(markov_files, tmp_path, config, flags, world_size, distributed_type, mixed_precision):
     args = [*TINY_GPT, "--dataset", str(markov_files["short"]), "--batch_size", "2", "--max_steps", "2",
@@ -106,3 +115,25 @@ def test_fsdp_trains_the_lstm_like_ddp(markov_files, tmp_path):
     got = {r["step"]: r["train/loss"] for r in read_metrics(fsdp) if "train/loss" in r}
     want = {r["step"]: r["train/loss"] for r in read_metrics(ddp) if "train/loss" in r}
     assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-5 * want[s] for s in want)
+
+
+@pytest.mark.parametrize("model_name, units", [("gpt", ["Block"]), ("lstm", ["LSTM"])])
+def test_fsdp_yaml_on_gpus_wraps_the_layers_the_model_has(monkeypatch, model_name, units):
+    """Accelerate's FSDP (GPUs only) refuses a model that lacks any class the config names; fsdp.yaml names
+    both models' layers, so lmdist hands Accelerate the ones this model has (found on an H200: GPT failed)."""
+    names = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", names)  # as accelerate launch exports it
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    model = build_model(make_config({"model": model_name}), 100)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), prepare=lambda *objects: objects)
+    engine.prepare(accelerator, model)
+    assert plugin.transformer_cls_names_to_wrap == units
+    plugin.set_auto_wrap_policy(model)  # what Accelerate's prepare does next
+    wrapped = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    assert {cls.__name__ for cls in wrapped} == set(units)
+
+
+def test_fsdp_layers_the_model_lacks_are_a_config_error(monkeypatch):
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "GPT2Block")
+    with pytest.raises(ConfigError, match=r"fsdp_transformer_layer_cls_to_wrap names GPT2Block.*GPT: Block"):
+        sharding.unit_names(build_model(make_config({"model": "gpt"}), 100))
