@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from lmdist import corpus
+from lmdist import corpus, stopping
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
 from lmdist.tokenizer import Tokenizer, build_tokenizer, encode_rows, load_tokenizer
@@ -376,7 +377,7 @@ class BatchLoader:
         # pinned host memory lets the copy to a GPU overlap compute
         self.loader = DataLoader(sequences, batch_sampler=reads, collate_fn=_already_read, num_workers=num_workers,
                                  persistent_workers=num_workers > 0, pin_memory=self.device.type == "cuda",
-                                 generator=_private_generator())
+                                 generator=_private_generator(), worker_init_fn=_leave_stop_signals_to_the_trainer)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Begin `epoch`'s shuffle, leaving out its first `skip_batches` global batches (a resumed epoch)."""
@@ -437,6 +438,14 @@ def eval_loader(sequences: PackedSequences, batch_size: int, accelerator, max_ba
 def _already_read(read: tuple[torch.Tensor, bool]) -> tuple[torch.Tensor, bool]:
     """`PackedSequences.__getitems__` returns the read's rows in one tensor: nothing left to collate."""
     return read
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore the stop signals. scancel, a Slurm preemption or a Ctrl-C signals every process
+    of the job, and a torch worker dies of a SIGTERM its parent did not send: the trainer would then fail with
+    "DataLoader worker is killed" instead of saving a checkpoint. It takes the signal and ends its workers."""
+    for sig in stopping.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _private_generator() -> torch.Generator:

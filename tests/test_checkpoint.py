@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +32,7 @@ from tests.conftest import (
     read_metrics,
     read_run,
     run_ok,
+    wait_for_step,
     with_flags,
 )
 
@@ -71,18 +71,6 @@ def start(args, cwd, env=None) -> subprocess.Popen:
            str(REPO / "train.py"), *args, *([] if "--wandb_mode" in args else ["--wandb_mode", "disabled"])]
     return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {process.communicate()[1][-3000:]}")
-        path = output_dir / "metrics.jsonl"
-        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
 
 
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
@@ -146,6 +134,20 @@ def test_sigterm_mid_epoch_then_relaunch_is_exact(reference, resume_data, tmp_pa
     first, second = ([h["_step"] for h in wandb_file.history(p)] for p in pieces)
     assert min(second) == resumed + 1 and set(first) | set(second) == {r["step"] for r in read_metrics(out)
                                                                         if "resumed_from" not in r}
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers_is_exact(reference, resume_data, tmp_path):
+    """scancel, preemption and Ctrl-C signal every process of the job, DataLoader workers too (2 per GPU by
+    default): the workers must leave the stop to the trainer, not die and take the run down."""
+    out = tmp_path / "run"
+    args = args_for(resume_data, out, "--num_workers", "1")
+    process = start(args, tmp_path)
+    wait_for_step(out, 12, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert stderr.count("lmdist: stopped: ") == 2 and "killed by signal" not in stderr, stderr[-3000:]
+    run_ok(args, cwd=tmp_path, nproc=2, launcher="torchrun")
+    assert_same_as_reference(out, reference)
 
 
 def test_sigusr1_to_one_worker_checkpoints_every_rank_and_requeues_once(reference, resume_data, tmp_path):
