@@ -12,8 +12,6 @@ import math
 import os
 import sys
 
-import torch.nn.functional as F
-
 from lmdist import checkpoint, config, data, engine, export, perf, streaming, tracking
 from lmdist.errors import run_cli
 from lmdist.metrics import TokenMeter, evaluate
@@ -64,6 +62,7 @@ def main(argv: list[str]) -> None:
     n_params, flops_per_token = count_parameters(model), model.flops_per_token()
     model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it
     model = engine.compile_if_asked(model, cfg, accelerator.device)
+    loss_fn = engine.loss_function(cfg)  # compiled too, when the model is
     optimizer = engine.build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
     model, optimizer, scheduler = engine.prepare(accelerator, model, optimizer, scheduler)  # the loaders place batches
@@ -107,7 +106,7 @@ def main(argv: list[str]) -> None:
             for inputs, targets in throughput.timed(train_loader):  # timed: the wait for each batch
                 with accelerator.accumulate(model):
                     logits = model(inputs)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                    loss = loss_fn(logits, targets)
                     train_meter.update(logits.detach(), targets, loss.detach())  # while the logits are in cache
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:

@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = _f(1337, "random seed for initialisation, shuffling and dropout", "optimisation")
     # performance
     threads: int | None = _f(None, "torch threads per process (default: available cores / processes on this node)", "performance")
-    compile: bool = _f(False, "torch.compile the model: faster steps after a one-off compile (tens of seconds; worth it for long runs, and on GPUs)", "performance")
+    compile: bool = _f(False, "torch.compile the model and the loss: faster steps after a one-off compile (tens of seconds; worth it for long runs, and on GPUs)", "performance")
     num_workers: int | None = _f(None, "DataLoader worker processes per rank (default: 0 on CPU, where every core trains; 2 per GPU)", "performance")
     peak_tflops: float | None = _f(None, "peak TFLOP/s of one process, the denominator of `mfu` (default: the GPU's datasheet bf16 rate under bf16/fp16 mixed precision, else a matmul measured at start-up; 0: no mfu)", "performance")
     # evaluation and logging

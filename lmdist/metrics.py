@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from lmdist.data import IGNORE_INDEX
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token logits (batch, time, vocab) against targets (batch, time), in fp32
+    whatever the autocast dtype of the logits."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 class TokenMeter:
     """Sums of loss, correct top-1 predictions and counted tokens since the last `compute()`."""
 

@@ -142,6 +142,18 @@ def test_adam_is_fused_and_skips_decay_on_biases_and_norms(name):
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+def test_compile_compiles_the_loss_with_the_model():
+    """Compiled, the loss's fp32 upcast and softmax fuse into one pass over the logits (GPT-2 124M on an H200:
+    400k -> 449k tokens/s); it must stay the eager loss."""
+    eager = engine.loss_function(make_config({"compile": False}))
+    compiled = engine.loss_function(make_config({"compile": True}))
+    assert not hasattr(eager, "_torchdynamo_orig_callable") and hasattr(compiled, "_torchdynamo_orig_callable")
+    logits, targets = torch.randn(2, 6, 17, dtype=torch.bfloat16), torch.randint(0, 17, (2, 6))
+    want = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    assert torch.equal(eager(logits, targets), want)
+    torch.testing.assert_close(compiled(logits, targets), want)
+
+
 def test_dataloader_workers_default_to_none_on_cpu_and_two_per_gpu():
     assert engine.dataloader_workers(make_config({}), torch.device("cpu")) == 0
     assert engine.dataloader_workers(make_config({}), torch.device("cuda")) == 2
