@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import report
 from tests.conftest import REPO
@@ -51,3 +52,20 @@ def test_a_partial_run_refuses_to_mix_machines_in_one_table(tmp_path):
                            "--readme", str(tmp_path / "README.md")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "figures from another machine" in done.stderr
     assert json.loads(out.read_text())["machine"]["cpu"] == "another CPU"  # left as it was
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_the_gpu_benchmark_says_it_needs_a_gpu():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py")], capture_output=True, text=True)
+    assert done.returncode == 2 and "no CUDA GPU here" in done.stderr and "bench/run.py" in done.stderr
+
+
+def test_the_readme_gpu_figures_are_the_saved_ones():
+    """bench/gpu.py's results, as measured on the lent H200, are what the README's GPU table says."""
+    readme = (REPO / "README.md").read_text()
+    for name in ("gpu_results.json", "gpu_results_b64.json"):
+        results = json.loads((REPO / "bench" / name).read_text())
+        for run in results["runs"]:
+            row = (f"| {run['name']} | {run['batch_size']} | {run['tokens_per_sec']:,.0f} | "
+                   f"{run['mfu_datasheet']:.1%}")
+            assert row in readme, row
