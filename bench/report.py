@@ -30,7 +30,7 @@ def _mb(x: float) -> str:
 
 
 def _ratio(r: dict, target: float) -> str:
-    """The ratio of medians, its verdict, and the spread of the per-pair ratios."""
+    """The median of the pairs' ratios, its verdict, and their spread."""
     pairs = r["pair_ratios"]
     return (f"{r['ratio']:.3f} ({_verdict(r['ratio'] >= target)}; {len(pairs)} pairs: "
             f"{min(pairs):.2f} to {max(pairs):.2f})")
