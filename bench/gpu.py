@@ -56,7 +56,7 @@ def train(text: Path, workdir: Path, name: str, batch_size: int, steps: int, log
     return {"name": name, "compile": compile, "batch_size": batch_size, "block_size": 1024, "steps": steps,
             "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in measured),
             "windows_tokens_per_sec": [r["tokens_per_sec"] for r in rows],
-            "peak_gpu_mb": max(r.get("peak_gpu_mb", 0.0) for r in rows), "wall_s": wall,
+            "peak_gpu_mb": max(r["peak_gpu_mb"] for r in rows), "wall_s": wall,
             "flops_per_token": facts["flops_per_token"], "parameters": facts["parameters"],
             "final_train_loss": rows[-1]["train/loss"], "command": " ".join(command[1:]).replace(str(REPO) + "/", "")}
 

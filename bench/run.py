@@ -1,6 +1,6 @@
 """lmdist's benchmark suite: whole training runs, repeated, compared side by side in one invocation.
 
-    python bench/run.py                  # the suite (about 45 min on 2 AVX2 cores): table, results.json, README
+    python bench/run.py                  # the suite (about 50 min on 2 AVX2 cores): table, results.json, README
     python bench/run.py --smoke          # seconds per section, tiny models: checks the harness, asserts no figure
     python bench/run.py --only overhead,data --repeats 6   # some sections, merged into bench/results.json
 
@@ -48,8 +48,6 @@ SIZES = {
                          "--batch_size 20", window=10),
 }
 SMOKE_SIZES = {
-    # pairs: at least this many A/B pairs when compared; the small models' short steps are the noisiest here
-    # (4 pairs of GPT S spread from 0.94 to 1.02 in one run, 8 of LSTM S from 0.87 to 1.10)
     "GPT S": dict(flags="--model gpt --n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4", window=2),
     "LSTM S": dict(flags="--model lstm --embedding_dim 32 --hidden_dim 32 --num_layers 1 --block_size 16 "
                          "--batch_size 4", window=2),

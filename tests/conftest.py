@@ -37,23 +37,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], cwd: Path, nproc: int = 1, launcher: str = "python", env: dict | None = None,
-           timeout: int = 300, script: Path = TRAIN) -> subprocess.CompletedProcess:
-    """Run `script args` under a launcher: python, torchrun, accelerate (--multi_gpu) or accelerate-config."""
+def launch_command(args: list[str], nproc: int = 1, launcher: str = "python", config: str = "cpu.yaml",
+                   script: Path = TRAIN) -> list[str]:
+    """`script args` under a launcher: python, torchrun, accelerate (--multi_gpu) or accelerate-config (the
+    accelerate_configs/ file `config`, with nproc processes); W&B off unless `args` say otherwise."""
     prefix = {
         "python": [sys.executable],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)],
         "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                        str(nproc), "--main_process_port", str(free_port())],
         "accelerate-config": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                              str(REPO / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(free_port())],
+                              str(REPO / "accelerate_configs" / config), "--num_processes", str(nproc),
+                              "--main_process_port", str(free_port())],
     }[launcher]
-    full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v is not None}  # None in `env` removes a variable
     if "--wandb_mode" not in args:
         args = [*args, "--wandb_mode", "disabled"]
-    return subprocess.run([*prefix, str(script), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return [*prefix, str(script), *args]
+
+
+def launch_env(env: dict | None = None) -> dict:
+    full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return {k: v for k, v in full_env.items() if v is not None}  # None in `env` removes a variable
+
+
+def launch(args: list[str], cwd: Path, nproc: int = 1, launcher: str = "python", env: dict | None = None,
+           timeout: int = 300, script: Path = TRAIN, config: str = "cpu.yaml") -> subprocess.CompletedProcess:
+    """Run `launch_command(...)` to its end."""
+    return subprocess.run(launch_command(args, nproc, launcher, config, script), cwd=cwd, env=launch_env(env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def run_ok(*a, **kw) -> subprocess.CompletedProcess:

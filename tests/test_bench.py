@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import report
+from bench import run as bench_run
 from tests.conftest import REPO
 
 
@@ -42,6 +43,22 @@ def test_smoke_run_exercises_every_section(tmp_path):
     text = readme.read_text()
     assert report.render(results) in text and "stale table" not in text and text.endswith("after\n")
     assert report.render(results) in done.stdout  # the table is printed too
+
+
+def test_a_comparison_is_the_median_of_its_pairs_ratios(monkeypatch, tmp_path):
+    """Each A/B pair shares the machine's drift: pairs 10/10, 20/10 and 30/40 make 1.0, the median pair, where
+    the ratio of the two sides' medians (20/10) would say 2.0."""
+    bench = bench_run.Bench(False, 3, str(tmp_path))
+    bench.sizes = {"GPT M": bench_run.SIZES["GPT M"]}
+    speeds = {"lmdist": [10.0, 20.0, 30.0], "plain": [10.0, 10.0, 40.0]}
+
+    def train(size, overrides=None, script=bench_run.TRAIN, processes=1, env=None):
+        side = "plain" if script == bench_run.PLAIN else "lmdist"
+        return {"tokens_per_sec": [speeds[side].pop(0)], "wall_s": 1.0, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(bench, "train", train)
+    [row] = bench.overhead()
+    assert row["pair_ratios"] == [1.0, 2.0, 0.75] and row["ratio"] == 1.0
 
 
 def test_a_partial_run_refuses_to_mix_machines_in_one_table(tmp_path):

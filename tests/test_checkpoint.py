@@ -29,6 +29,8 @@ from tests.conftest import (
     equivalence_args,
     final_weights,
     launch,
+    launch_command,
+    launch_env,
     read_metrics,
     read_run,
     run_ok,
@@ -67,10 +69,8 @@ def reference(resume_data, tmp_path_factory) -> Path:
 
 def start(args, cwd, env=None) -> subprocess.Popen:
     """A 2-rank torchrun launch in the background (its own process group, so tests can signal it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "train.py"), *args, *([] if "--wandb_mode" in args else ["--wandb_mode", "disabled"])]
-    return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(launch_command(args, 2, "torchrun"), cwd=cwd, env=launch_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:

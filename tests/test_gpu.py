@@ -10,15 +10,26 @@ import math
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmdist import perf
-from tests.conftest import REPO, TINY_GPT, final_weights, free_port, read_metrics, read_run, wait_for_step, with_flags
+from tests.conftest import (
+    TINY_GPT,
+    final_weights,
+    launch_command,
+    launch_env,
+    read_metrics,
+    read_run,
+    run_ok,
+    wait_for_step,
+    with_flags,
+)
 
+SINGLE_GPU_YAML = {"launcher": "accelerate-config", "config": "single_gpu.yaml"}  # one process
+FSDP_YAML = {"launcher": "accelerate-config", "config": "fsdp.yaml"}
 pytestmark = [pytest.mark.launch,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -37,25 +48,13 @@ def gpu_args(gpu_data: list[str], output_dir: Path, *overrides: str) -> list[str
                       "--output_dir", str(output_dir), *overrides)
 
 
-def accelerate_command(config: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "accelerate_configs" / config), "--num_processes", "1", "--main_process_port",
-            str(free_port()), str(REPO / "train.py"), *args]
-
-
-def run_ok(command: list[str], cwd: Path) -> None:
-    done = subprocess.run(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, f"failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-
-
 def losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(output_dir) if "train/loss" in r}
 
 
 def test_bf16_on_one_gpu_reports_the_datasheet_mfu_and_gpu_memory(gpu_data, tmp_path):
     out = tmp_path / "run"
-    run_ok(accelerate_command("single_gpu.yaml", gpu_args(gpu_data, out)), tmp_path)
+    run_ok(gpu_args(gpu_data, out), tmp_path, **SINGLE_GPU_YAML, timeout=600)
     facts = read_run(out)
     assert facts["device"].startswith("cuda") and facts["mixed_precision"] == "bf16", facts
     known = perf.datasheet_peak(torch.cuda.get_device_name())
@@ -69,17 +68,17 @@ def test_bf16_on_one_gpu_reports_the_datasheet_mfu_and_gpu_memory(gpu_data, tmp_
 
 def test_fsdp_bf16_on_gpu_resumes_after_sigterm_like_the_uninterrupted_run(gpu_data, tmp_path):
     straight = tmp_path / "straight"
-    run_ok(accelerate_command("fsdp.yaml", gpu_args(gpu_data, straight)), tmp_path)
+    run_ok(gpu_args(gpu_data, straight), tmp_path, **FSDP_YAML, timeout=600)
     assert read_run(straight)["distributed_type"] == "FSDP" and read_run(straight)["device"].startswith("cuda")
     out = tmp_path / "run"
-    process = subprocess.Popen(accelerate_command("fsdp.yaml", gpu_args(gpu_data, out)), cwd=tmp_path,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(launch_command(gpu_args(gpu_data, out), **FSDP_YAML),
+                               cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     wait_for_step(out, 12, process, timeout=300)
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert "lmdist: stopped" in stderr, stderr[-3000:]
-    run_ok(accelerate_command("fsdp.yaml", gpu_args(gpu_data, out)), tmp_path)
+    run_ok(gpu_args(gpu_data, out), tmp_path, **FSDP_YAML, timeout=600)
 
     resumed = [r["resumed_from"] for r in read_metrics(out) if "resumed_from" in r]
     assert len(resumed) == 1 and 10 <= resumed[0] < 40
