@@ -106,8 +106,8 @@ def main(argv: list[str]) -> None:
             for inputs, targets in throughput.timed(train_loader):  # timed: the wait for each batch
                 with accelerator.accumulate(model):
                     logits = model(inputs)
-                    loss = loss_fn(logits, targets)
-                    train_meter.update(logits.detach(), targets, loss.detach())  # while the logits are in cache
+                    loss, batch_sums = loss_fn(logits, targets)  # and the meter's loss, hits and tokens
+                    train_meter.add(batch_sums)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = engine.clip_gradients(accelerator, model, cfg.grad_clip or math.inf)

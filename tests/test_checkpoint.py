@@ -202,14 +202,14 @@ def test_torchrun_restarts_a_crashed_rank_from_the_newest_checkpoint(reference, 
     wrapper = tmp_path / "crash_once.py"
     wrapper.write_text(
         "import os, runpy, sys\nimport lmdist.metrics\n"
-        "update, calls = lmdist.metrics.TokenMeter.update, [0]\n"
-        "def crashing_update(self, *a, **k):\n"
+        "add, calls = lmdist.metrics.TokenMeter.add, [0]\n"
+        "def crashing_add(self, *a, **k):\n"
         "    calls[0] += 1\n"
         f"    if os.environ['RANK'] == '1' and calls[0] == 13 and not os.path.exists({str(marker)!r}):\n"
         f"        open({str(marker)!r}, 'w').close()\n"
         "        os._exit(1)  # a crash: no checkpoint, no goodbye\n"
-        "    return update(self, *a, **k)\n"
-        "lmdist.metrics.TokenMeter.update = crashing_update\n"
+        "    return add(self, *a, **k)\n"
+        "lmdist.metrics.TokenMeter.add = crashing_add\n"
         f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -436,8 +436,8 @@ def test_the_step_check_names_a_non_finite_loss_or_gradient_norm(monkeypatch):
 
     def losses(*values: float) -> torch.Tensor:  # the training meter's sums after these micro-steps
         meter = TokenMeter(torch.device("cpu"))
-        for value in values:
-            meter.update(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.tensor(value))
+        for value in values:  # a micro-step of 6 tokens whose mean loss is `value`, as next_token_loss sums it
+            meter.add(torch.tensor([6 * value, 0.0, 6.0]))
         return meter.sums
 
     assert guard.check(finite, losses(1.5, 2.0)) == stopping.Verdict()

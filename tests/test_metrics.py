@@ -9,7 +9,7 @@ import torch
 from lmdist.config import TrainConfig
 from lmdist.data import IGNORE_INDEX
 from lmdist.errors import DataError
-from lmdist.metrics import TokenMeter
+from lmdist.metrics import TokenMeter, next_token_loss
 from lmdist.schedule import Plan, lr_at
 
 
@@ -40,10 +40,13 @@ def test_loss_ppl_acc_by_hand():
 def test_meter_is_token_weighted_across_updates():
     meter = TokenMeter(torch.device("cpu"))
     logits = torch.zeros(1, 4, 3)  # uniform: loss ln 3 per token
-    meter.update(logits, torch.tensor([[0, 1, 2, 0]]), mean_loss=torch.tensor(math.log(3)))  # training: all count
-    meter.update(torch.zeros(1, 2, 3), torch.tensor([[0, 1]]), mean_loss=torch.tensor(3.0))
+    loss, sums = next_token_loss(logits, torch.tensor([[0, 1, 2, 0]]))  # training: every target counts
+    assert loss.item() == pytest.approx(math.log(3))
+    meter.add(sums)
+    meter.add(next_token_loss(torch.tensor([[[3.0, 0, 0], [0, 3.0, 0]]]), torch.tensor([[1, 2]]))[1])
     meter.update(logits, torch.tensor([[0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]))  # evaluation: one counts
-    assert meter.compute(OneProcess, "train")["train/loss"] == pytest.approx((5 * math.log(3) + 2 * 3.0) / 7)
+    high = 3 + math.log(1 + 2 * math.exp(-3))  # the loss of a target 3 nats below the top logit
+    assert meter.compute(OneProcess, "train")["train/loss"] == pytest.approx((5 * math.log(3) + 2 * high) / 7)
 
 
 def test_accuracy_agrees_with_argmax_and_counts_a_tie_for_the_top_as_a_hit():
@@ -56,7 +59,7 @@ def test_accuracy_agrees_with_argmax_and_counts_a_tie_for_the_top_as_a_hit():
     meter.update(logits, targets)
     expected = ((logits.argmax(-1) == targets) & counted).sum().item() / counted.sum().item()
     assert expected > 0.2 and meter.compute(OneProcess, "val")["val/acc"] == pytest.approx(expected)
-    meter.update(logits[1:], targets[1:], mean_loss=torch.tensor(1.0))  # the training path: no ignored targets
+    meter.add(next_token_loss(logits[1:], targets[1:])[1])  # the training path: no ignored targets
     expected = (logits[1:].argmax(-1) == targets[1:]).float().mean().item()
     assert meter.compute(OneProcess, "train")["train/acc"] == pytest.approx(expected)
     tie = torch.tensor([[[1.0, 2.0, 2.0], [2.0, 2.0, 1.0]]])

@@ -21,13 +21,12 @@ pytestmark = pytest.mark.launch
 # Record every training batch's targets, per rank, in the order trained (appending across launches).
 RECORDER = """import json, os, runpy, sys
 import lmdist.metrics
-update = lmdist.metrics.TokenMeter.update
-def recording_update(self, logits, targets, mean_loss=None):
-    if mean_loss is not None:  # a training batch (evaluation passes no mean_loss)
-        with open(os.path.join({folder!r}, f"rank{{os.environ.get('RANK', '0')}}.jsonl"), "a") as f:
-            f.write(json.dumps(targets.tolist()) + "\\n")
-    return update(self, logits, targets, mean_loss)
-lmdist.metrics.TokenMeter.update = recording_update
+loss = lmdist.metrics.next_token_loss
+def recording_loss(logits, targets):  # the training loss (evaluation goes through TokenMeter.update)
+    with open(os.path.join({folder!r}, f"rank{{os.environ.get('RANK', '0')}}.jsonl"), "a") as f:
+        f.write(json.dumps(targets.tolist()) + "\\n")
+    return loss(logits, targets)
+lmdist.metrics.next_token_loss = recording_loss
 sys.argv[0] = {train!r}
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
