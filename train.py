@@ -16,6 +16,7 @@ from lmdist import checkpoint, config, data, engine, export, perf, streaming, tr
 from lmdist.errors import run_cli
 from lmdist.metrics import TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
+from lmdist.profiling import StepProfiler
 from lmdist.schedule import Plan, build_scheduler, lr_at
 from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_job
 
@@ -91,7 +92,8 @@ def main(argv: list[str]) -> None:
         return path
 
     facts = {**tracking.run_facts(accelerator, plan, corpus, model, n_params), **throughput.facts()}
-    with tracking.RunLog(accelerator, cfg, facts, run_id, resumed=progress if resume else None) as log:
+    with (tracking.RunLog(accelerator, cfg, facts, run_id, resumed=progress if resume else None) as log,
+          StepProfiler(cfg, accelerator.device, accelerator.process_index) as profiler):  # off unless profile_steps
         log.print_plan(plan, corpus, n_params)
         if resume:
             log.print(f"resumed from {resume.path}: step {progress.step}, epoch {progress.epoch}, "
@@ -126,6 +128,7 @@ def main(argv: list[str]) -> None:
                 progress.step += 1
                 progress.tokens_seen = progress.step * plan.tokens_per_step
                 throughput.step()
+                profiler.step()
                 log.advance()
                 last = progress.step == plan.total_steps
 

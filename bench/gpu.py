@@ -1,6 +1,6 @@
 """GPT-2 124M on one GPU: tokens/s and MFU with bf16 autocast, compiled and eager (the README's GPU figure).
 
-    python bench/gpu.py [--text FILE] [--batch_size 32] [--steps 200]
+    python bench/gpu.py [--text FILE] [--batch_size 32] [--steps 200] [--profile 5]
 
 Trains GPT-2's shape (12 layers, 12 heads, 768 wide, 1024 tokens of context, a 50304-row vocabulary) with
 `accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py`, as a user would, on a BPE
@@ -8,8 +8,9 @@ tokenizer trained on the text (WikiText-2 by default, repeated so that one epoch
 evaluation in the middle). WikiText-2 holds too little text for GPT-2's 50257 BPE tokens, so
 `--vocab_multiple 50304` pads the model's vocabulary to GPT-2's padded 50304: the model, and its FLOPs, are
 GPT-2's whatever the tokenizer learned. A run's figure is the median of its log windows after the first
-three (compilation, autotuning, allocator warm-up). MFU divides the model FLOPs (PaLM's 6N + 12*L*n_embd*T per
-token, as in training) by the card's datasheet dense bf16 rate, and by a bf16 matmul measured here.
+three (compilation, autotuning, allocator warm-up), and after the profiled one with `--profile`. MFU divides
+the model FLOPs (PaLM's 6N + 12*L*n_embd*T per token, as in training) by the card's datasheet dense bf16
+rate, and by a bf16 matmul measured here.
 Writes bench/gpu_results.json.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,11 +39,12 @@ WARMUP_WINDOWS = 3
 
 
 def train(text: Path, workdir: Path, name: str, batch_size: int, steps: int, log_every: int, compile: bool,
-          logs: Path) -> dict:
+          logs: Path, profile_steps: int) -> dict:
     out = workdir / name
     flags = [*GPT2.split(), "--dataset", str(text), "--cache_dir", str(workdir / "cache"), "--output_dir", str(out),
              "--batch_size", str(batch_size), "--max_steps", str(steps), "--log_every", str(log_every),
-             "--compile", str(compile).lower()]
+             "--compile", str(compile).lower(), "--profile_steps", str(profile_steps),
+             "--profile_start", str(WARMUP_WINDOWS * log_every)]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "accelerate_configs" / "single_gpu.yaml"), str(REPO / "train.py"), *flags]
     began = time.perf_counter()
@@ -50,9 +53,11 @@ def train(text: Path, workdir: Path, name: str, batch_size: int, steps: int, log
     (logs / f"gpu_{name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+    for path in (out / "profile").glob("*"):  # the trace and the table of the costliest kernels
+        shutil.copy(path, logs / f"gpu_{name}_{path.name}")
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "tokens_per_sec" in r]
     facts = json.loads((out / "run.json").read_text())
-    measured = rows[WARMUP_WINDOWS:]
+    measured = rows[WARMUP_WINDOWS + (1 if profile_steps else 0):]  # the profiled window is slowed by the profiler
     return {"name": name, "compile": compile, "batch_size": batch_size, "block_size": 1024, "steps": steps,
             "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in measured),
             "windows_tokens_per_sec": [r["tokens_per_sec"] for r in rows],
@@ -71,6 +76,10 @@ def main() -> None:
     parser.add_argument("--log_every", type=int, default=10)
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the eager (uncompiled) model (default: yes)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many steps of each run after its warm-up windows (lmdist's --profile_steps; "
+                             "their window's figure is slowed by the profiler): gpu_NAME_ops_rank0.txt and the trace "
+                             "land beside the logs")
     parser.add_argument("--out", default=str(REPO / "bench" / "gpu_results.json"))
     parser.add_argument("--logs", default=None, help="folder for each run's console log (default: beside --out)")
     args = parser.parse_args()
@@ -92,7 +101,7 @@ def main() -> None:
         logs = Path(args.logs or Path(args.out).parent)
         for compile in (True, False) if args.eager else (True,):
             run = train(text, workdir, "compiled" if compile else "eager", args.batch_size, args.steps,
-                        args.log_every, compile, logs)
+                        args.log_every, compile, logs, args.profile)
             flops = run["tokens_per_sec"] * run["flops_per_token"]
             run["mfu_datasheet"] = flops / datasheet.flops if datasheet else None
             run["mfu_measured_matmul"] = flops / matmul

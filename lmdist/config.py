@@ -72,6 +72,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model and the loss: faster steps after a one-off compile (tens of seconds; worth it for long runs, and on GPUs)", "performance")
     num_workers: int | None = _f(None, "DataLoader worker processes per rank (default: 0 on CPU, where every core trains; 2 per GPU)", "performance")
     peak_tflops: float | None = _f(None, "peak TFLOP/s of one process, the denominator of `mfu` (default: the GPU's datasheet bf16 rate under bf16/fp16 mixed precision, else a matmul measured at start-up; 0: no mfu)", "performance")
+    profile_steps: int = _f(0, "record this many optimizer steps with torch.profiler on every rank: a trace and a table of the costliest ops in output_dir/profile/ (0 = off)", "performance")
+    profile_start: int = _f(10, "optimizer steps of this launch before the profiled ones (compilation and warm-up stay out)", "performance")
     # evaluation and logging
     eval_every: int = _f(100, "evaluate every this many optimizer steps (also at each epoch end and the last step)", "logging")
     eval_batches: int = _f(0, "validation batches per evaluation (0 = the whole validation set)", "logging")
@@ -290,6 +292,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.grad_clip >= 0, "grad_clip", "must be non-negative (0 turns clipping off)")
     need(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", "must be non-negative (or none)")
     need(cfg.peak_tflops is None or cfg.peak_tflops >= 0, "peak_tflops", "must be non-negative (0 = no mfu)")
+    need(cfg.profile_steps >= 0, "profile_steps", "must be non-negative (0 = no profile)")
+    need(cfg.profile_start >= 0, "profile_start", "must be non-negative")
     need(cfg.eval_batches >= 0, "eval_batches", "must be non-negative (0 = the whole validation set)")
     need(cfg.wandb_init_timeout > 0, "wandb_init_timeout", "must be positive")
     need(cfg.save_every >= 1, "save_every", "must be at least 1")
