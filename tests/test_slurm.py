@@ -98,6 +98,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, submit_dir
         assert time.time() < deadline, job_log(submit_dir, job)[-3000:]
         time.sleep(0.2)
     cluster.run("scancel", "--batch", "--signal=USR1", job)
+    cluster.start_when_requeued(job)
     info = cluster.wait(job, timeout=300, states=("COMPLETED", "FAILED", "CANCELLED"))
     log = job_log(submit_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
