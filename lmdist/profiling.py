@@ -25,7 +25,7 @@ class StepProfiler:
     """A context manager around the training loop; call `step()` after each optimizer step."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, rank: int):
-        self.folder, self.rank, self.steps = os.path.join(cfg.output_dir, "profile"), rank, cfg.profile_steps
+        self.folder, self.rank = os.path.join(cfg.output_dir, "profile"), rank
         self.on_gpu = device.type == "cuda"
         self.profiler = None
         if cfg.profile_steps:
