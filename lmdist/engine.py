@@ -142,17 +142,26 @@ def dataloader_workers(cfg: TrainConfig, device: torch.device) -> int:
     return 2 if device.type == "cuda" else 0
 
 
-def prepare(accelerator: Accelerator, model: torch.nn.Module, *objects):
-    """`accelerator.prepare`, except that a model lmdist sharded itself is not wrapped in DDP; Accelerate's FSDP
-    (on GPUs) wraps the unit classes this model has."""
+def prepare(accelerator: Accelerator, model: torch.nn.Module, *objects) -> tuple:
+    """`accelerator.prepare` as a tuple (model, *objects), except that a model lmdist sharded itself is not
+    wrapped in DDP; Accelerate's FSDP (on GPUs) wraps the unit classes this model has, and the model's outputs
+    keep the autocast dtype."""
     if sharding.is_sharded(model):
-        return (model, *accelerator.prepare(*objects))
+        return (model, *_prepare_each(accelerator, objects))
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None:
         plugin.transformer_cls_names_to_wrap = sharding.unit_names(model)
-    prepared = accelerator.prepare(model, *objects)
+    prepared = _prepare_each(accelerator, (model, *objects))
     keep_autocast_outputs(accelerator.unwrap_model(prepared[0]))
     return prepared
+
+
+def _prepare_each(accelerator: Accelerator, objects: tuple) -> tuple:
+    """`accelerator.prepare(*objects)`, always a tuple (it hands back a lone object bare)."""
+    if not objects:
+        return ()
+    prepared = accelerator.prepare(*objects)
+    return prepared if len(objects) > 1 else (prepared,)
 
 
 def keep_autocast_outputs(model: torch.nn.Module) -> None:

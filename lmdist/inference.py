@@ -75,7 +75,8 @@ def evaluate_saved(folder: str, dataset: str | None, split: str | None, batch_si
     tokens = data.TokenStream(data.tokenize(rows, saved.tokenizer, cfg.text_column))
     sequences = data.PackedSequences(tokens, cfg.block_size, keep_partial=True)
     loader = data.eval_loader(sequences, cfg.batch_size, accelerator)
-    metrics = evaluate(accelerator.prepare(load_model(saved)), loader, accelerator)
+    model, = engine.prepare(accelerator, load_model(saved))  # bf16 logits under bf16, as in training
+    metrics = evaluate(model, loader, accelerator)
     return {**metrics, "tokens": tokens.n_tokens - 1, "checkpoint": folder, "dataset": dataset or cfg.dataset,
             "split": split or ("validation" if dataset is None else "auto")}
 

@@ -125,8 +125,8 @@ def test_fsdp_yaml_on_gpus_wraps_the_layers_the_model_has(monkeypatch, model_nam
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", names)  # as accelerate launch exports it
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
     model = build_model(make_config({"model": model_name}), 100)
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), prepare=lambda *objects: objects,
-                                  unwrap_model=lambda model: model)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), unwrap_model=lambda model: model,
+                                  prepare=lambda *objects: objects if len(objects) > 1 else objects[0])
     engine.prepare(accelerator, model)
     assert plugin.transformer_cls_names_to_wrap == units
     plugin.set_auto_wrap_policy(model)  # what Accelerate's prepare does next

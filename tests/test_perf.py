@@ -172,8 +172,9 @@ upcast = accelerator.prepare(build_model(cfg, 64))
 model = build_model(cfg, 64)
 with torch.autocast("cpu", dtype=torch.bfloat16):
     want = model(idx)
-model, _ = engine.prepare(accelerator, model, engine.build_optimizer(cfg, model))
-print(upcast(idx).dtype, model(idx).dtype, torch.equal(model(idx), want))
+model, _ = engine.prepare(accelerator, model, engine.build_optimizer(cfg, model))  # as train.py does
+alone, = engine.prepare(accelerator, build_model(cfg, 64))  # as `lmdist eval` does
+print(upcast(idx).dtype, model(idx).dtype, torch.equal(model(idx), want), alone(idx).dtype)
 """
 
 
@@ -183,7 +184,7 @@ def test_a_mixed_precision_model_returns_autocast_logits():
     done = subprocess.run([sys.executable, "-c", MIXED_PRECISION_OUTPUTS], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["torch.float32", "torch.bfloat16", "True"]
+    assert done.stdout.split() == ["torch.float32", "torch.bfloat16", "True", "torch.bfloat16"]
 
 
 def test_dataloader_workers_default_to_none_on_cpu_and_two_per_gpu():
