@@ -24,9 +24,14 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     are whole."""
     flat, flat_targets = logits.flatten(0, 1), targets.flatten()
     loss = F.cross_entropy(flat.float(), flat_targets)
-    hits = (flat.gather(-1, flat_targets.unsqueeze(-1)) >= flat.amax(-1, keepdim=True)).sum()
+    hits = top1_hits(flat, flat_targets).sum()
     n_tokens = torch.full_like(loss, flat_targets.numel())  # filled on the device: no host copy
     return loss, torch.stack([loss.detach() * n_tokens, hits.to(loss.dtype), n_tokens])
+
+
+def top1_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Whether each target's logit is the largest of its row (logits (..., vocab), targets (...))."""
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= logits.amax(-1)
 
 
 class TokenMeter:
@@ -47,8 +52,7 @@ class TokenMeter:
         counted = targets != IGNORE_INDEX
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum",
                                    ignore_index=IGNORE_INDEX)
-        target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        hits = (target_logit >= logits.amax(-1)) & counted
+        hits = top1_hits(logits, targets.clamp(min=0)) & counted  # an ignored target reads row 0, not counted
         self.add(torch.stack([loss_sum, hits.sum().to(loss_sum.dtype), counted.sum().to(loss_sum.dtype)]))
 
     def compute(self, accelerator, prefix: str) -> dict[str, float]:

@@ -80,9 +80,10 @@ def device_work(trace: str) -> list[tuple[float, float]]:
 
 def busy_time(intervals: list[tuple[float, float]]) -> tuple[float, float]:
     """(time covered by the union of the intervals, time from the first start to the last end)."""
+    ordered = sorted(intervals)
     busy, reached = 0.0, float("-inf")
-    for start, end in sorted(intervals):
+    for start, end in ordered:
         if end > reached:
             busy += end - max(start, reached)
             reached = end
-    return busy, (reached - min(s for s, _ in intervals)) if intervals else 0.0
+    return busy, (reached - ordered[0][0]) if ordered else 0.0
