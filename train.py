@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
     resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
-    if resume:  # the same global batch on another number of processes adjusts grad_accum
+    if resume:  # the same global batch on another number of processes or batch_size adjusts grad_accum
         resume, cfg = checkpoint.adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
         accelerator.gradient_accumulation_steps = cfg.grad_accum
         checkpoint.check_compatible(resume, cfg)
@@ -56,10 +56,12 @@ def main(argv: list[str]) -> None:
         train_set = data.PackedSequences(corpus.train, cfg.block_size, keep_partial=False)
         plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
         train_loader = data.train_loader(train_set, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator, workers)
+    if resume:
+        checkpoint.check_within(resume, plan.total_steps)
 
     model = build_model(cfg, corpus.tokenizer.vocab_size)
     if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
-        checkpoint.load_weights(model, os.path.join(cfg.init_from, "model.safetensors"))
+        accelerator.print(checkpoint.init_weights(model, cfg.init_from))
     n_params, flops_per_token = count_parameters(model), model.flops_per_token()
     model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it
     model = engine.compile_if_asked(model, cfg, accelerator.device)
@@ -95,11 +97,18 @@ def main(argv: list[str]) -> None:
     with (tracking.RunLog(accelerator, cfg, facts, run_id, resumed=progress if resume else None) as log,
           StepProfiler(cfg, accelerator.device, accelerator.process_index) as profiler):  # off unless profile_steps
         log.print_plan(plan, corpus, n_params)
+        for warning in plan.warnings(cfg):
+            log.print(warning)
+        row = {}
         if resume:
             log.print(f"resumed from {resume.path}: step {progress.step}, epoch {progress.epoch}, "
                       f"batch {progress.batches_in_epoch} of that epoch")
-        row = {}
-        for epoch in range(progress.epoch, cfg.epochs):
+            if progress.step == plan.total_steps:  # stopped during its last step, or run.json lost: export only
+                log.print(f"the checkpoint is the run's last step ({plan.total_steps}): nothing left to train")
+                row = evaluate(model, val_loader, accelerator)  # the final row's val metrics (the same weights)
+        for epoch in range(progress.epoch, plan.epochs):
+            if progress.step == plan.total_steps:
+                break  # the run is done: at the end of the last epoch's steps, or resumed at its last step
             # A fresh, seeded shuffle each epoch; a resumed epoch skips the batches it already trained on.
             skip = progress.batches_in_epoch if epoch == progress.epoch else 0
             if not cfg.streaming:  # a stream has no epochs: its position is part of its state
@@ -157,8 +166,6 @@ def main(argv: list[str]) -> None:
                                   "command to continue")
                 if last:
                     break
-            if progress.step == plan.total_steps:
-                break
 
         final_dir = export.save_final(accelerator, model, cfg, corpus.tokenizer.vocab_size)
         log.print(f"final weights: {final_dir}")

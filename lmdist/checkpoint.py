@@ -24,7 +24,9 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -78,6 +80,11 @@ class Resume:
     data_fingerprint: str
     world_size: int  # processes that saved it
     resumed_by: int | None = None  # processes that resume it (set by adapt_to_world_size)
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step when it was saved."""
+        return self.world_size * self.config["batch_size"] * self.config["grad_accum"]
 
 
 def step_dir(output_dir: str, step: int) -> str:
@@ -148,18 +155,25 @@ def apply_retention(folder: str, keep_last: int, keep_best: bool) -> list[str]:
 
 # ----------------------------------------------------------------------------- finding and loading
 
-def refuse_changes(saved: dict, cfg: TrainConfig, where: str, label: str) -> None:
-    """ConfigError naming every training setting of `cfg` that differs from `saved` (run-control fields may)."""
+def refuse_changes(saved: dict, cfg: TrainConfig, where: str, label: str, fix: str = "") -> None:
+    """ConfigError naming every training setting of `cfg` that differs from `saved` (run-control fields may).
+
+    `fix` replaces the default advice (relaunch with the saved values, or start a new output_dir).
+    """
     now = cfg.to_dict()
     changed = [f"{k} ({label} {saved.get(k)!r}, now {now[k]!r})" for k in now
                if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and saved.get(k) != now[k]]
     if changed:
-        raise ConfigError(f"this relaunch differs from {where} in {'; '.join(changed)}: relaunch with its values, "
-                          "or start a new output_dir")
+        raise ConfigError(f"this relaunch differs from {where} in {'; '.join(changed)}: "
+                          f"{fix or 'relaunch with its values, or start a new output_dir'}")
 
 
 def finished(cfg: TrainConfig) -> bool:
-    """True when output_dir holds a completed run (final/ export written) of this same config."""
+    """True when output_dir holds a completed run (final/ export written) of this same config.
+
+    A completed run relaunched with other settings is refused, and the refusal prints the command that
+    trains on from its final weights in a new output_dir (with `init_from`).
+    """
     try:
         with open(os.path.join(cfg.output_dir, "run.json")) as f:
             status = json.load(f).get("status")
@@ -167,9 +181,80 @@ def finished(cfg: TrainConfig) -> bool:
         return False
     if status != "completed" or not os.path.exists(os.path.join(cfg.output_dir, "final", "model.safetensors")):
         return False
-    with open(os.path.join(cfg.output_dir, "config.yaml")) as f:
-        refuse_changes(yaml.safe_load(f), cfg, f"the finished run in {cfg.output_dir}", "finished run")
+    final = os.path.join(cfg.output_dir, "final")
+    command = relaunch_command(init_from=final, output_dir=_unused_folder(f"{cfg.output_dir.rstrip(os.sep)}-continued"))
+    refuse_changes(_finished_config(cfg.output_dir), cfg, f"the finished run in {cfg.output_dir}", "finished run",
+                   fix=f"relaunch with its values, or train on from its final weights in a new run (a new optimizer, "
+                       f"lr schedule and step count) with: {command}")
     return True
+
+
+def _finished_config(output_dir: str) -> dict:
+    """The config.yaml of a finished run, or a ConfigError naming the file and the fix."""
+    path = os.path.join(output_dir, "config.yaml")
+    fix = (f"restore it, or delete {os.path.join(output_dir, 'run.json')} and relaunch: the run is then checked "
+           "against its last checkpoint and completed again, writing a new config.yaml")
+    try:
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"the finished run in {output_dir} has no readable {path} ({e.strerror}): {fix}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"the finished run's {path} is not valid YAML ({' '.join(str(e).split())}): {fix}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"the finished run's {path} holds a {type(saved).__name__}, not a mapping of field: value: "
+                          f"{fix}")
+    return saved
+
+
+def relaunch_command(**flags: str) -> str:
+    """The command that launched this process, with `flags` set (replacing any given), shell-quoted.
+
+    Under a launcher (torchrun, accelerate launch) this is the launcher's own command line, read from the
+    parent process, so that the printed command starts the same processes; otherwise python and the script.
+    """
+    args = _without_flags(sys.argv[1:], flags)
+    for name, value in flags.items():
+        args += [f"--{name}", value]
+    return shlex.join([*_launcher_prefix(), *args])
+
+
+def _launcher_prefix() -> list[str]:
+    """Everything of this process's command before the training flags."""
+    own = [sys.executable, sys.argv[0]]
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
+        return own
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [a.decode() for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return own
+    flags = sys.argv[1:]
+    if len(parent) > len(flags) and parent[len(parent) - len(flags):] == flags:  # the launcher passed them on
+        return parent[:len(parent) - len(flags)]
+    return own
+
+
+def _without_flags(argv: list[str], names) -> list[str]:
+    """`argv` less every `--name value` and `--name=value` of `names`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("--") and arg[2:].split("=", 1)[0] in names:
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
+
+
+def _unused_folder(path: str) -> str:
+    """`path`, or `path-2`, `path-3` ... : the first that does not exist yet."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 def find_resume(cfg: TrainConfig, warn) -> Resume | None:
@@ -195,8 +280,13 @@ def find_resume(cfg: TrainConfig, warn) -> Resume | None:
 
 
 def check_compatible(resume: Resume, cfg: TrainConfig) -> None:
-    """Refuse to continue a checkpoint with different training settings (grad_accum may follow the world size)."""
-    saved = resume.config if resume.world_size == resume.resumed_by else {**resume.config, "grad_accum": cfg.grad_accum}
+    """Refuse to continue a checkpoint with different training settings.
+
+    batch_size and grad_accum may differ where the global batch is the same (adapt_to_world_size chose them).
+    """
+    saved, processes = resume.config, resume.resumed_by or resume.world_size
+    if processes * cfg.batch_size * cfg.grad_accum == resume.global_batch:
+        saved = {**saved, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
     refuse_changes(saved, cfg, f"the checkpoint {resume.path}", "checkpoint")
 
 
@@ -204,31 +294,48 @@ def adapt_to_world_size(resume: Resume, cfg: TrainConfig, world_size: int, say) 
     """The checkpoint and config that continue `resume` on `world_size` processes with the same global batch.
 
     The global batch (processes x batch_size x grad_accum sequences) and the data position, counted in
-    sequences, carry over; grad_accum absorbs the change. Where no whole grad_accum keeps the global
-    batch, that is an error saying so.
+    sequences, carry over. On another number of processes, or with another batch_size, grad_accum absorbs
+    the change; where no whole grad_accum keeps the global batch, that is an error listing the batch_sizes
+    that would.
     """
     resume = replace(resume, resumed_by=world_size)
-    if world_size == resume.world_size:
+    saved_batch = resume.config["batch_size"]
+    if (world_size, cfg.batch_size) == (resume.world_size, saved_batch):
         return resume, cfg
     if cfg.streaming:
-        raise ConfigError(f"the checkpoint {resume.path} streamed its data over {resume.world_size} processes, each "
-                          f"with its own part of the stream: relaunch on {resume.world_size} processes")
-    global_batch = resume.world_size * resume.config["batch_size"] * resume.config["grad_accum"]
-    per_micro_step = world_size * cfg.batch_size
+        raise ConfigError(f"the checkpoint {resume.path} streamed its data over {resume.world_size} processes x "
+                          f"batch_size {saved_batch}, each process with its own part of the stream: relaunch on "
+                          f"{resume.world_size} processes with batch_size {saved_batch}")
+    global_batch, per_micro_step = resume.global_batch, world_size * cfg.batch_size
     if global_batch % per_micro_step:
-        raise ConfigError(f"the checkpoint {resume.path} trained with a global batch of {global_batch} sequences "
-                          f"({resume.world_size} processes); {world_size} processes x batch_size {cfg.batch_size} "
-                          f"cannot keep it with a whole grad_accum: choose a batch_size that divides "
-                          f"{global_batch // world_size}, or relaunch on {resume.world_size} processes")
+        where = (f"the checkpoint {resume.path} trained with a global batch of {global_batch} sequences "
+                 f"({resume.world_size} processes x batch_size {saved_batch} x grad_accum "
+                 f"{resume.config['grad_accum']}); {world_size} processes x batch_size {cfg.batch_size} cannot keep it "
+                 "with a whole grad_accum")
+        if global_batch % world_size:
+            raise ConfigError(f"{where}, nor can any batch_size: relaunch on a number of processes that divides "
+                              f"{global_batch}, e.g. {resume.world_size}")
+        per_process = global_batch // world_size
+        fits = [str(b) for b in range(1, per_process + 1) if per_process % b == 0]
+        raise ConfigError(f"{where}: relaunch with a batch_size that divides {per_process} ({', '.join(fits)}; "
+                          f"grad_accum follows), or on {resume.world_size} processes")
     grad_accum = global_batch // per_micro_step
     # the data position is kept in global micro-batches of the old size: convert it to the new size
-    old_micro_batch = resume.world_size * resume.config["batch_size"]
+    old_micro_batch = resume.world_size * saved_batch
     progress = replace(resume.progress,
                        batches_in_epoch=resume.progress.batches_in_epoch * old_micro_batch // per_micro_step)
-    say(f"resuming a {resume.world_size}-process checkpoint on {world_size} processes: grad_accum "
-        f"{resume.config['grad_accum']} -> {grad_accum} keeps the global batch of {global_batch} sequences; "
-        "dropout draws will differ from an uninterrupted run")
+    say(f"resuming a checkpoint of {resume.world_size} processes x batch_size {saved_batch} on {world_size} x "
+        f"{cfg.batch_size}: grad_accum {resume.config['grad_accum']} -> {grad_accum} keeps the global batch of "
+        f"{global_batch} sequences; dropout draws will differ from an uninterrupted run")
     return replace(resume, progress=progress), replace(cfg, grad_accum=grad_accum)
+
+
+def check_within(resume: Resume, total_steps: int) -> None:
+    """Refuse a checkpoint past the run's end: continuing it would train beyond total_steps."""
+    if resume.progress.step > total_steps:
+        raise CheckpointError(f"the checkpoint {resume.path} is at step {resume.progress.step}, past this run's "
+                              f"{total_steps} total steps (an older lmdist trained past the end): resume an "
+                              "earlier checkpoint with --resume <its folder>, or start a new output_dir")
 
 
 def check_same_data(resume: Resume, data_fingerprint: str) -> None:
@@ -261,13 +368,37 @@ def load(accelerator, resume: Resume, *, model, optimizer, scheduler) -> dict:
     return {"meter": meter}
 
 
-def load_weights(module: torch.nn.Module, file: str) -> None:
-    """Load a model.safetensors into `module`; only tied copies may be missing from the file."""
+def load_weights(module: torch.nn.Module, file: str) -> dict:
+    """Load a model.safetensors into `module`; only tied copies may be missing from the file. Returns what it read."""
     state = load_file(file)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected or set(missing) - _tied_aliases(module):
         raise CheckpointError(f"{file} does not fit this model: missing {sorted(set(missing) - _tied_aliases(module))}"
                               f", unexpected {sorted(unexpected)}")
+    return state
+
+
+def init_weights(module: torch.nn.Module, folder: str) -> str:
+    """`init_from`: load `folder`'s weights into `module`; returns a line saying what was loaded, and from where."""
+    file = os.path.join(folder, "model.safetensors")
+    state = load_weights(module, file)
+    origin = _weights_origin(folder)
+    return (f"init_from: loaded {len(state)} tensors ({sum(t.numel() for t in state.values()):,} parameters) "
+            f"from {file}{f' ({origin})' if origin else ''}")
+
+
+def _weights_origin(folder: str) -> str:
+    """The step and run a checkpoint or a final/ export holds the weights of, where its records say."""
+    try:
+        if os.path.exists(os.path.join(folder, STATE)):  # a checkpoint
+            with open(os.path.join(folder, STATE)) as f:
+                state = json.load(f)
+            return f"checkpoint at step {state['progress']['step']} of run {state['run_id']}"
+        with open(os.path.join(folder, os.pardir, "run.json")) as f:  # a final/ export inside its run's output_dir
+            run = json.load(f)
+        return f"final weights of run {run['run_id']}, {run.get('status')} at step {run.get('step')}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""  # an export copied elsewhere: its weights are all there is to say
 
 
 def _training_module(accelerator, model) -> torch.nn.Module:

@@ -2,6 +2,10 @@
 
 Two counters, never mixed up: a *micro-step* is one batch through forward and backward; a *step*
 is one optimizer update (`grad_accum` micro-steps).
+
+The length: `max_steps`, when set, is the run's length exactly and overrides `epochs` (as HF's
+`max_train_steps` overrides `num_train_epochs`): the run takes as many epochs as those steps need, the
+last one possibly partial. Without it the run is `epochs` whole epochs.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ class Plan:
     sequences: int  # training sequences per epoch
     steps_per_epoch: int
     total_steps: int
+    epochs: int  # epochs begun, the last one possibly cut short by max_steps
     tokens_per_step: int  # global: every rank's targets in one optimizer step
     sequences_dropped: int  # per epoch: the remainder that cannot fill a whole optimizer step
 
@@ -33,19 +38,27 @@ class Plan:
                 f"optimizer step needs ({world_size} processes x batch_size {cfg.batch_size} x grad_accum "
                 f"{cfg.grad_accum} = {per_step}): use more text or a smaller batch_size, grad_accum or block_size"
             )
-        total = steps_per_epoch * cfg.epochs
-        return cls(world_size, n_sequences, steps_per_epoch, min(total, cfg.max_steps or total),
+        total = cfg.max_steps or steps_per_epoch * cfg.epochs
+        return cls(world_size, n_sequences, steps_per_epoch, total, -(-total // steps_per_epoch),
                    per_step * cfg.block_size, n_sequences - steps_per_epoch * per_step)
 
     @classmethod
     def for_stream(cls, cfg: TrainConfig, world_size: int) -> Plan:
         """A stream has no epochs: the run is max_steps long, and `epoch` reports the fraction done."""
         per_step = world_size * cfg.batch_size * cfg.grad_accum
-        return cls(world_size, 0, cfg.max_steps, cfg.max_steps, per_step * cfg.block_size, 0)
+        return cls(world_size, 0, cfg.max_steps, cfg.max_steps, 1, per_step * cfg.block_size, 0)
 
     def epoch_of(self, step: int) -> float:
         """Fractional epochs completed after `step` optimizer steps."""
         return step / self.steps_per_epoch
+
+    def warnings(self, cfg: TrainConfig) -> list[str]:
+        """What in `cfg` does not fit this plan without being an error."""
+        if cfg.warmup_steps > self.total_steps:
+            return [f"warning: warmup_steps {cfg.warmup_steps} is longer than the run ({self.total_steps} steps): "
+                    f"the learning rate never reaches lr {cfg.lr} (it peaks at "
+                    f"{lr_at(self.total_steps - 1, cfg, self.total_steps):.3g}); lower --warmup_steps"]
+        return []
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

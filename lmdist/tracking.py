@@ -326,7 +326,8 @@ class RunLog:
         f = self.facts
         self.print(f"plan: world size {plan.world_size} ({f['distributed_type']}), mixed precision "
                    f"{f['mixed_precision']}, {f['threads']} threads/process, {plan.tokens_per_step:,} tokens/step "
-                   f"(global), {plan.steps_per_epoch} steps/epoch, {plan.total_steps} total steps, "
+                   f"(global), {plan.steps_per_epoch} steps/epoch, {plan.total_steps} total steps"
+                   f"{f' over {plan.epochs} epoch' + 's' * (plan.epochs > 1) if plan.sequences else ''}, "
                    f"{parameters:,} parameters")
         self.print(f"data: {corpus.describe()}")
         if plan.sequences_dropped:
