@@ -12,7 +12,7 @@ import math
 import os
 import sys
 
-from lmdist import checkpoint, config, data, engine, export, perf, streaming, tracking
+from lmdist import checkpoint, config, data, engine, export, perf, rundir, streaming, tracking
 from lmdist.errors import run_cli
 from lmdist.metrics import TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
@@ -24,11 +24,11 @@ from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_j
 def main(argv: list[str]) -> None:
     cfg = config.load_config(argv)  # a bad flag stops here, before any process group or data work
     streaming.check_streaming_config(cfg)
+    accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
+    rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     if cfg.resume == "auto" and checkpoint.finished(cfg):
         print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do", flush=True)
         return
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
     resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
     if resume:  # the same global batch on another number of processes adjusts grad_accum
         resume, cfg = checkpoint.adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)

@@ -1,0 +1,105 @@
+"""One live run per output_dir: an OS lock on `<output_dir>/run.lock`, held by rank zero for the whole run.
+
+    hold(output_dir, accelerator)   every rank: returns once rank zero holds the lock; or every rank raises
+                                    OutputDirInUse (exit 2) naming the holder (host, pid, Slurm job id)
+
+The lock is `fcntl.flock` on an open file, so it dies with the process that holds it: a crashed or
+SIGKILLed run, or a node that reboots, never blocks its own relaunch, and there is no stale lock to
+remove by hand. Workers left training by a killed launcher still hold it, and a relaunch is refused
+until they are gone: that is the point. Call it after the process group exists and before anything
+reads or writes the run's state (run.json, config.yaml, metrics.jsonl, tokenizer/, checkpoints): a
+refused launch writes nothing in output_dir, and never reads another run's half-written state.
+
+The holder writes who it is (JSON) into the lock file once it holds the lock; the file itself stays
+after the run, which is harmless: only a held lock counts, never the file's existence.
+
+Network filesystems: on Linux NFS (v3 with lockd, v4) flock is emulated with POSIX byte-range locks
+that the server arbitrates across clients; a crashed client's lock is released when its lease expires
+(NFSv4: about 90 s), so a relaunch on another node may be refused for that long. Lustre honours it
+across nodes only when mounted with `-o flock`; with `localflock` it is per node, and with `noflock`
+(the default) flock fails. Where the filesystem cannot lock at all, the run goes on unlocked with a
+warning saying so.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import platform
+import sys
+import time
+
+from lmdist.errors import LmdistError
+from lmdist.stopping import slurm_job_id
+
+LOCK_FILE = "run.lock"
+
+_held: dict[str, int] = {}  # output_dir (real path) -> the file descriptor whose lock this process holds
+
+
+class OutputDirInUse(LmdistError):
+    """Another live process holds this output_dir."""
+
+    label = "output_dir in use"
+
+
+def acquire(output_dir: str) -> str | None:
+    """Take the lock for this process, without waiting; None once held, else a description of the holder.
+
+    Raises OSError where the filesystem cannot lock (see the module docstring).
+    """
+    key = os.path.realpath(output_dir)
+    if key in _held:
+        return None
+    path = os.path.join(output_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # O_CLOEXEC (Python's default): launched commands never hold it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return describe_holder(path)
+    except OSError:
+        os.close(fd)
+        raise
+    _held[key] = fd
+    holder = {"host": platform.node(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": [sys.executable, *sys.argv]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    return None
+
+
+def describe_holder(lock_path: str) -> str:
+    """'host H, pid P, Slurm job J, since T' from the lock file (what the holder wrote)."""
+    try:
+        with open(lock_path) as f:
+            holder = json.loads(f.read())
+    except (OSError, ValueError):  # the holder took the lock a moment ago and is writing its name
+        return "a process that is just starting"
+    job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, since {holder.get('since')}"
+
+
+def hold(output_dir: str, accelerator) -> None:
+    """Every rank: return once rank zero holds output_dir's lock, or raise OutputDirInUse on every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    holder, warning = None, None
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        try:
+            holder = acquire(output_dir)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            warning = (f"warning: cannot lock {os.path.join(output_dir, LOCK_FILE)} ({e.strerror}): this filesystem "
+                       "has no working flock (Lustre: mount with -o flock), so nothing stops a second launch "
+                       "into this output_dir")
+    if accelerator.num_processes > 1:
+        holder = broadcast_object_list([holder])[0]
+    if warning:
+        accelerator.print(warning)
+    if holder is not None:
+        raise OutputDirInUse(f"{output_dir} is held by a live run ({holder}): wait for it to end or stop it, or "
+                             "choose another output_dir")
