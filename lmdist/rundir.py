@@ -5,8 +5,9 @@
 
 The lock is `fcntl.flock` on an open file, so it dies with the process that holds it: a crashed or
 SIGKILLed run, or a node that reboots, never blocks its own relaunch, and there is no stale lock to
-remove by hand. Workers left training by a killed launcher still hold it, and a relaunch is refused
-until they are gone: that is the point. Call it after the process group exists and before anything
+remove by hand (forked children, such as DataLoader workers, close their copy). Workers left
+training by a killed launcher still hold it, and a relaunch is refused until they are gone: that is
+the point. Call it after the process group exists and before anything
 reads or writes the run's state (run.json, config.yaml, metrics.jsonl, tokenizer/, checkpoints): a
 refused launch writes nothing in output_dir, and never reads another run's half-written state.
 
@@ -30,6 +31,7 @@ import platform
 import sys
 import time
 
+from lmdist.engine import shared_from_main
 from lmdist.errors import LmdistError
 from lmdist.stopping import slurm_job_id
 
@@ -63,11 +65,21 @@ def acquire(output_dir: str) -> str | None:
         os.close(fd)
         raise
     _held[key] = fd
+    # A forked child (a DataLoader worker) shares the lock: its copy is closed, so that the lock still dies
+    # with this process and not with the last of its children.
+    os.register_at_fork(after_in_child=lambda: _forget(key))
     holder = {"host": platform.node(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(),
               "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": [sys.executable, *sys.argv]}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
     return None
+
+
+def _forget(key: str) -> None:
+    """In a forked child: close its copy of the lock's descriptor (the parent's lock stays held)."""
+    fd = _held.pop(key, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def describe_holder(lock_path: str) -> str:
@@ -83,8 +95,6 @@ def describe_holder(lock_path: str) -> str:
 
 def hold(output_dir: str, accelerator) -> None:
     """Every rank: return once rank zero holds output_dir's lock, or raise OutputDirInUse on every rank."""
-    from accelerate.utils import broadcast_object_list
-
     holder, warning = None, None
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
@@ -96,8 +106,7 @@ def hold(output_dir: str, accelerator) -> None:
             warning = (f"warning: cannot lock {os.path.join(output_dir, LOCK_FILE)} ({e.strerror}): this filesystem "
                        "has no working flock (Lustre: mount with -o flock), so nothing stops a second launch "
                        "into this output_dir")
-    if accelerator.num_processes > 1:
-        holder = broadcast_object_list([holder])[0]
+    holder = shared_from_main(accelerator, holder)
     if warning:
         accelerator.print(warning)
     if holder is not None:

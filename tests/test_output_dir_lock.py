@@ -107,3 +107,19 @@ def test_the_lock_dies_with_its_holder_and_a_relaunch_resumes(markov_files, tmp_
     resumed = [r["resumed_from"] for r in read_metrics(out) if "resumed_from" in r]
     assert len(resumed) == 1 and resumed[0] >= 5 and f"resumed from {out}/checkpoints/" in relaunch.stdout
     assert read_run(out)["status"] == "completed"
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_died(tmp_path):
+    """A DataLoader worker outliving its killed rank zero for a moment must not block the relaunch."""
+    code = ("import os, sys, time; from lmdist import rundir; assert rundir.acquire(sys.argv[1]) is None\n"
+            "if os.fork() == 0:\n    time.sleep(120)\nelse:\n    os._exit(0)")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=launch_env(),
+                              start_new_session=True)
+    try:
+        assert parent.wait(timeout=60) == 0
+        relaunch = [sys.executable, "-c", "import sys; from lmdist import rundir; print(rundir.acquire(sys.argv[1]))",
+                    str(tmp_path)]
+        taken = subprocess.run(relaunch, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=60)
+        assert taken.stdout == "None\n", taken.stdout + taken.stderr
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the child sleeping in the same session
