@@ -1,7 +1,8 @@
 """One live run per output_dir: an OS lock on `<output_dir>/run.lock`, held by rank zero for the whole run.
 
     hold(output_dir, accelerator)   every rank: returns once rank zero holds the lock; or every rank raises
-                                    OutputDirInUse (exit 2) naming the holder (host, pid, Slurm job id)
+                                    OutputDirInUse (exit 2) naming the holder (host, pid, Slurm job id), or
+                                    OutputDirUnusable (exit 2) where output_dir cannot be written
 
 The lock is `fcntl.flock` on an open file, so it dies with the process that holds it: a crashed or
 SIGKILLed run, or a node that reboots, never blocks its own relaunch, and there is no stale lock to
@@ -44,6 +45,10 @@ class OutputDirInUse(LmdistError):
     """Another live process holds this output_dir."""
 
     label = "output_dir in use"
+
+
+class OutputDirUnusable(LmdistError):
+    """output_dir cannot be created or written (read-only, a dangling link, no permission)."""
 
 
 def acquire(output_dir: str) -> str | None:
@@ -94,21 +99,30 @@ def describe_holder(lock_path: str) -> str:
 
 
 def hold(output_dir: str, accelerator) -> None:
-    """Every rank: return once rank zero holds output_dir's lock, or raise OutputDirInUse on every rank."""
-    holder, warning = None, None
+    """Every rank: return once rank zero holds output_dir's lock, or raise the same error on every rank:
+    OutputDirInUse naming the holder, or OutputDirUnusable where output_dir cannot be created or opened."""
+    verdict, warning = None, None  # verdict: (error class, message) for every rank
     if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
+        lock_path = os.path.join(output_dir, LOCK_FILE)
         try:
+            os.makedirs(output_dir, exist_ok=True)
             holder = acquire(output_dir)
+            if holder is not None:
+                verdict = (OutputDirInUse, f"{output_dir} is held by a live run ({holder}): wait for it to end or "
+                                           "stop it, or choose another output_dir")
         except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            warning = (f"warning: cannot lock {os.path.join(output_dir, LOCK_FILE)} ({e.strerror}): this filesystem "
-                       "has no working flock (Lustre: mount with -o flock), so nothing stops a second launch "
-                       "into this output_dir")
-    holder = shared_from_main(accelerator, holder)
+            if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                warning = (f"warning: cannot lock {lock_path} ({e.strerror}): this filesystem has no working flock "
+                           "(Lustre: mount with -o flock), so nothing stops a second launch into this output_dir")
+            elif os.path.islink(output_dir) and not os.path.exists(output_dir):
+                verdict = (OutputDirUnusable, f"{output_dir} is a link to {os.readlink(output_dir)}, which does not "
+                                              "exist: create it, or choose another output_dir")
+            else:  # read-only, no permission, not a folder: nothing of the run could be written either
+                verdict = (OutputDirUnusable, f"cannot write {e.filename or lock_path} ({e.strerror}): choose an "
+                                              "output_dir this user can write, or fix its permissions")
+    verdict = shared_from_main(accelerator, verdict)
     if warning:
         accelerator.print(warning)
-    if holder is not None:
-        raise OutputDirInUse(f"{output_dir} is held by a live run ({holder}): wait for it to end or stop it, or "
-                             "choose another output_dir")
+    if verdict is not None:
+        kind, message = verdict
+        raise kind(message)

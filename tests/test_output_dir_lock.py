@@ -123,3 +123,14 @@ def test_a_forked_child_does_not_keep_the_lock_after_its_parent_died(tmp_path):
         assert taken.stdout == "None\n", taken.stdout + taken.stderr
     finally:
         os.killpg(parent.pid, signal.SIGKILL)  # the child sleeping in the same session
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_message(markov_files, tmp_path):
+    """The lock is the launch's first write into output_dir: a path it cannot create is a message, not a traceback."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for output_dir, said in ((tmp_path / "a_file" / "run", f"cannot write {tmp_path / 'a_file' / 'run'} (Not a "
+                                                           "directory): choose an output_dir this user can write"),
+                             (tmp_path / "dangling", f"is a link to {tmp_path / 'gone'}, which does not exist")):
+        result = launch(run_args(markov_files, output_dir), cwd=tmp_path, timeout=120)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
