@@ -71,13 +71,13 @@ def main(argv: list[str]) -> None:
 
     train_meter = TokenMeter(accelerator.device)
     throughput = perf.Throughput(plan.tokens_per_step, flops_per_token, peak, accelerator.num_processes)
-    progress, run_id = checkpoint.Progress(), tracking.new_run_id()
+    progress, (run_id, forked_from) = checkpoint.Progress(), tracking.run_identity(resume, cfg.output_dir)
     if resume:  # model, optimizer, scheduler, RNG, unlogged metric sums and stream position, exactly as saved
         rank_state = checkpoint.load(accelerator, resume, model=model, optimizer=optimizer, scheduler=scheduler)
         train_meter.sums = rank_state["meter"].to(accelerator.device)
         if cfg.streaming:
             train_set.load_state(rank_state["stream"])
-        progress, run_id = resume.progress, resume.run_id
+        progress = resume.progress
     guard = StopGuard(use_scaler=accelerator.scaler is not None)
 
     def save_checkpoint() -> str:
@@ -91,7 +91,8 @@ def main(argv: list[str]) -> None:
         log.checkpoint_saved(path, seconds)
         return path
 
-    facts = {**tracking.run_facts(accelerator, plan, corpus, model, n_params), **throughput.facts()}
+    facts = {**tracking.run_facts(accelerator, plan, corpus, model, n_params), **throughput.facts(),
+             "forked_from": forked_from}
     with (tracking.RunLog(accelerator, cfg, facts, run_id, resumed=progress if resume else None) as log,
           StepProfiler(cfg, accelerator.device, accelerator.process_index) as profiler):  # off unless profile_steps
         log.print_plan(plan, corpus, n_params)
