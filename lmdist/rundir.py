@@ -19,7 +19,7 @@ Network filesystems: on Linux NFS (v3 with lockd, v4) flock is emulated with POS
 that the server arbitrates across clients; a crashed client's lock is released when its lease expires
 (NFSv4: about 90 s), so a relaunch on another node may be refused for that long. Lustre honours it
 across nodes only when mounted with `-o flock`; with `localflock` it is per node, and with `noflock`
-(the default) flock fails. Where the filesystem cannot lock at all, the run goes on unlocked with a
+flock fails. Where the filesystem cannot lock at all, the run goes on unlocked with a
 warning saying so.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def acquire(output_dir: str) -> str | None:
     if key in _held:
         return None
     path = os.path.join(output_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # O_CLOEXEC (Python's default): launched commands never hold it
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies; O_CLOEXEC: exec-ed commands never hold it
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
