@@ -12,7 +12,7 @@ import math
 import os
 import sys
 
-from lmdist import checkpoint, config, data, engine, export, perf, streaming, tracking
+from lmdist import checkpoint, config, data, engine, export, perf, rundir, streaming, tracking
 from lmdist.errors import run_cli
 from lmdist.metrics import TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
@@ -24,11 +24,11 @@ from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_j
 def main(argv: list[str]) -> None:
     cfg = config.load_config(argv)  # a bad flag stops here, before any process group or data work
     streaming.check_streaming_config(cfg)
+    accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
+    rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     if cfg.resume == "auto" and checkpoint.finished(cfg):
         print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do", flush=True)
         return
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
     resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
     if resume:  # the same global batch on another number of processes or batch_size adjusts grad_accum
         resume, cfg = checkpoint.adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
@@ -73,13 +73,13 @@ def main(argv: list[str]) -> None:
 
     train_meter = TokenMeter(accelerator.device)
     throughput = perf.Throughput(plan.tokens_per_step, flops_per_token, peak, accelerator.num_processes)
-    progress, run_id = checkpoint.Progress(), tracking.new_run_id()
+    progress, (run_id, forked_from) = checkpoint.Progress(), tracking.run_identity(resume, cfg.output_dir)
     if resume:  # model, optimizer, scheduler, RNG, unlogged metric sums and stream position, exactly as saved
         rank_state = checkpoint.load(accelerator, resume, model=model, optimizer=optimizer, scheduler=scheduler)
         train_meter.sums = rank_state["meter"].to(accelerator.device)
         if cfg.streaming:
             train_set.load_state(rank_state["stream"])
-        progress, run_id = resume.progress, resume.run_id
+        progress = resume.progress
     guard = StopGuard(use_scaler=accelerator.scaler is not None)
 
     def save_checkpoint() -> str:
@@ -93,7 +93,8 @@ def main(argv: list[str]) -> None:
         log.checkpoint_saved(path, seconds)
         return path
 
-    facts = {**tracking.run_facts(accelerator, plan, corpus, model, n_params), **throughput.facts()}
+    facts = {**tracking.run_facts(accelerator, plan, corpus, model, n_params), **throughput.facts(),
+             "forked_from": forked_from}
     with (tracking.RunLog(accelerator, cfg, facts, run_id, resumed=progress if resume else None) as log,
           StepProfiler(cfg, accelerator.device, accelerator.process_index) as profiler):  # off unless profile_steps
         log.print_plan(plan, corpus, n_params)

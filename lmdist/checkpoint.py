@@ -10,8 +10,12 @@
 
 A checkpoint counts only once its manifest exists and every file matches it: a save killed at any
 moment leaves a folder that resume skips (with a warning naming it) in favour of the previous
-complete one. Nothing is unpickled before its file matched the manifest, and even then only with
-`weights_only=True`. Old checkpoints are deleted by rank zero only after a newer one is complete.
+complete one, that retention does not count, and that a save of the same step replaces. The manifest
+lists exactly the files its save wrote, never a leftover of an earlier attempt. Hashes are checked once
+per process: a folder this process wrote or verified is trusted while its manifest and its files'
+sizes and modification times are unchanged. Nothing is unpickled before its file matched the
+manifest, and even then only with `weights_only=True`. Old checkpoints are deleted by rank zero only
+after a newer one is complete.
 
 Why not `accelerator.save_state`: it pickles RNG states that `load_state` unpickles unchecked,
 silently skips RNG files it cannot load, and its `total_limit` deletes the old checkpoint before
@@ -21,6 +25,7 @@ used here.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -38,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from lmdist import sharding
 from lmdist.config import TrainConfig
+from lmdist.engine import shared_from_main
 from lmdist.errors import ConfigError, LmdistError
 
 SIGNAL_LEAD_S = 60  # Slurm's default time between --signal and the kill: a save must fit in it
@@ -100,7 +106,7 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
     `val_loss` (the evaluation at this step, if any) is recorded for `keep_best`.
     """
     began = time.perf_counter()
-    if os.path.exists(os.path.join(path, MANIFEST)):
+    if shared_from_main(accelerator, _complete_or_cleared(path) if accelerator.is_main_process else None):
         return 0.0  # this very state is saved already (a stop request right after resuming from it)
     os.makedirs(path, exist_ok=True)
     state = gather_weights(accelerator, model)  # every rank takes part (shards are gathered)
@@ -122,30 +128,39 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
         _fsync(file)
     accelerator.wait_for_everyone()  # every rank's part is on disk
     if accelerator.is_main_process:
-        files = sorted(f for f in os.listdir(path) if f != MANIFEST and not f.endswith(".tmp"))
-        manifest = {f: {"size": os.path.getsize(os.path.join(path, f)), "sha256": _sha256(os.path.join(path, f))}
-                    for f in files}
-        _fsync(_write_json(os.path.join(path, MANIFEST), {"files": manifest, "step": progress.step}))
+        others = [f"rank_{rank:05d}.pt" for rank in range(1, accelerator.num_processes)]
+        write_manifest(path, [os.path.basename(file) for file in written] + others, progress.step)
         _fsync(os.path.dirname(path))
         apply_retention(os.path.dirname(path), cfg.keep_last, cfg.keep_best)
     accelerator.wait_for_everyone()
     return time.perf_counter() - began
 
 
+def write_manifest(path: str, names: list[str], step: int) -> None:
+    """Hash the files `names` of the checkpoint folder `path` into its manifest, the file that completes it."""
+    files = {name: {"size": os.path.getsize(os.path.join(path, name)), "sha256": _sha256(os.path.join(path, name))}
+             for name in sorted(names)}
+    _fsync(_write_json(os.path.join(path, MANIFEST), {"files": files, "step": step}))
+    _verified[os.path.realpath(path)] = _stamp(path, files)
+
+
 def apply_retention(folder: str, keep_last: int, keep_best: bool) -> list[str]:
     """Delete all but the newest `keep_last` complete checkpoints (and, with `keep_best`, the one with the
     lowest recorded val/loss); returns what was deleted.
 
-    Incomplete folders older than the newest complete checkpoint are leftovers of killed saves and go too.
+    Complete means verified (see `verify`), so a corrupted checkpoint never takes a valid one's place.
+    Incomplete or corrupted folders older than the newest complete checkpoint are leftovers of killed
+    saves and go too; newer ones are left for the save of their step to replace.
     """
     entries = sorted(_step_folders(folder), reverse=True)
-    complete = [(step, path) for step, path in entries if os.path.exists(os.path.join(path, MANIFEST))]
+    # verified newest first and only as far as needed: hashing a checkpoint takes as long as reading it
+    complete = list(itertools.islice(((step, path) for step, path in entries if _is_complete(path)), keep_last))
     if not complete:
         return []
-    keep = {path for _, path in complete[:keep_last]}
+    keep = {path for _, path in complete}
     if keep_best:
-        scored = [(loss, path) for _, path in complete if (loss := _recorded_val_loss(path)) is not None]
-        keep |= {min(scored)[1]} if scored else set()
+        scored = sorted((loss, path) for _, path in entries if (loss := _recorded_val_loss(path)) is not None)
+        keep |= set(itertools.islice((path for _, path in scored if _is_complete(path)), 1))
     newest = complete[0][0]
     doomed = [path for step, path in entries if path not in keep and step <= newest]
     for path in doomed:
@@ -435,7 +450,8 @@ def without_tied_copies(state: dict) -> dict:
 
 
 def verify(path: str) -> dict:
-    """The manifest of a complete checkpoint, after checking every file's size and sha256."""
+    """The manifest of a complete checkpoint, after checking every file's size and sha256 (unless this
+    process wrote or verified the folder and nothing in it changed since)."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a folder")
@@ -444,21 +460,54 @@ def verify(path: str) -> dict:
     try:
         with open(manifest_path) as f:
             files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
+        stamp = _stamp(path, files)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{e.filename} is missing") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{manifest_path} is unreadable ({e})") from None
-    for name, expected in files.items():
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            raise CheckpointError(f"{file} is missing")
-        if os.path.getsize(file) != expected["size"] or _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{file} does not match the manifest (truncated or modified)")
     for required in (STATE, "model.safetensors", "optimizer.pt", "scheduler.pt"):
         if required not in files:
             raise CheckpointError(f"{path} lacks {required}")
+    if _verified.get(os.path.realpath(path)) == stamp:
+        return files
+    for name, expected in files.items():
+        file = os.path.join(path, name)
+        if os.path.getsize(file) != expected["size"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} does not match the manifest (truncated or modified)")
+    _verified[os.path.realpath(path)] = stamp
     return files
 
 
 # ----------------------------------------------------------------------------- internals
+
+# checkpoint folder (real path) -> its stamp when this process wrote or verified it
+_verified: dict[str, tuple] = {}
+
+
+def _stamp(path: str, files: dict) -> tuple:
+    """What a checkpoint's verification depends on, cheap to read: the manifest's entries and each listed
+    file's size and modification time (a file rewritten, truncated or replaced since changes it)."""
+    listed = []
+    for name, expected in sorted(files.items()):
+        info = os.stat(os.path.join(path, name))
+        listed.append((name, expected["size"], expected["sha256"], info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(listed)
+
+
+def _is_complete(path: str) -> bool:
+    try:
+        verify(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _complete_or_cleared(path: str) -> bool:
+    """True when `path` holds a complete checkpoint; otherwise removes whatever a failed save left there."""
+    if _is_complete(path):
+        return True
+    shutil.rmtree(path, ignore_errors=True)
+    return False
 
 def _resume_from(path: str) -> Resume:
     verify(path)
@@ -469,8 +518,11 @@ def _resume_from(path: str) -> Resume:
 
 
 def _recorded_val_loss(path: str) -> float | None:
-    with open(os.path.join(path, STATE)) as f:
-        return json.load(f).get("val_loss")
+    try:
+        with open(os.path.join(path, STATE)) as f:
+            return json.load(f).get("val_loss")
+    except (OSError, ValueError, AttributeError):  # a torn folder: it records nothing
+        return None
 
 
 def _step_folders(folder: str) -> list[tuple[int, str]]:

@@ -272,6 +272,15 @@ def main_process_first(accelerator: Accelerator, build: Callable[[], T]) -> T:
     return result if accelerator.is_main_process else build()
 
 
+def shared_from_main(accelerator: Accelerator, value: T) -> T:
+    """`value` as the main process has it, on every rank: one broadcast, so that every rank takes the same branch."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
 def seed_everything(seed: int, accelerator: Accelerator, per_rank: bool) -> None:
     """Same seed on every rank for initialisation; seed + rank afterwards so ranks draw different dropout."""
     set_seed(seed + (accelerator.process_index if per_rank else 0))

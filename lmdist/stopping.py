@@ -96,12 +96,18 @@ def nonfinite_error(what: str, step: int) -> NonFiniteError:
                           "before the optimizer step and nothing non-finite was saved (lower lr, check the data)")
 
 
+def slurm_job_id() -> str | None:
+    """This Slurm job's id (an array job's task as <array job>_<task>), or None outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return job
+
+
 def requeue_slurm_job() -> str | None:
     """`scontrol requeue` this job (array jobs by their own task id); returns the id, or None outside Slurm."""
-    job = os.environ.get("SLURM_JOB_ID")
+    job = slurm_job_id()
     if not job:
         return None
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
     return job

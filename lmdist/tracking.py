@@ -28,7 +28,9 @@ from lmdist.sharding import is_sharded, local_parameters
 class JsonlTracker(GeneralTracker):
     """One JSON object per log event in `<output_dir>/metrics.jsonl`.
 
-    A resumed run first cuts the file back to the checkpoint's step, so it reads as one run.
+    A resumed run first cuts the file back to the checkpoint's step, so it reads as one run. Rows are
+    trusted up to the first line that is not a complete JSON row with a step (a write torn by a kill or a
+    full disk): that line and everything after it are dropped, and `repaired` says what was dropped.
     """
 
     name = "jsonl"
@@ -40,16 +42,37 @@ class JsonlTracker(GeneralTracker):
         self.path = path
         self.file = None
         self.resume_step: int | None = None  # set before start() when resuming
+        self.repaired: str | None = None  # the warning about a torn tail cut off by start()
 
     @on_main_process
     def start(self) -> None:
         if self.resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+            self._cut_back(self.resume_step)
         self.file = open(self.path, "a" if self.resume_step is not None else "w")  # noqa: SIM115 -- closed in finish()
+
+    def _cut_back(self, step: int) -> None:
+        """Keep the trusted rows up to `step`, each ending in a newline; say what a torn tail cost."""
+        with open(self.path, "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+        kept = []
+        for number, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("not a row")
+            except ValueError:  # a torn or foreign line: what follows it cannot be trusted either
+                dropped = lines[number:]
+                self.repaired = (f"warning: {self.path} line {number + 1} is not a complete row (a torn write?): "
+                                 f"dropped it and everything after it ({sum(map(len, dropped))} bytes, "
+                                 f"{len(dropped)} lines); resuming from the checkpoint of step {step}")
+                break
+            if row["step"] <= step:
+                kept.append(line.rstrip(b"\r\n") + b"\n")  # a last row complete but for its newline gets one
+        with open(self.path + ".tmp", "wb") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     @property
     def tracker(self):
@@ -151,6 +174,20 @@ def make_trackers(cfg: TrainConfig) -> list[GeneralTracker]:
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
+
+
+def run_identity(resume, output_dir: str) -> tuple[str, dict | None]:
+    """This launch's run id (W&B's too) and, for a fork, where it forked from (run.json's `forked_from`).
+
+    A checkpoint inside output_dir continues its run and id; a checkpoint of another output_dir (a fork:
+    `--resume <its path>`) starts a run of its own, so that it never logs into its source's W&B run.
+    """
+    if resume is None:
+        return new_run_id(), None
+    if os.path.dirname(os.path.dirname(os.path.realpath(resume.path))) == os.path.realpath(output_dir):
+        return resume.run_id, None
+    source = {"checkpoint": os.path.abspath(resume.path), "run_id": resume.run_id, "step": resume.progress.step}
+    return new_run_id(), source
 
 
 def _run_name(cfg: TrainConfig) -> str:
@@ -304,9 +341,12 @@ class RunLog:
             then = "logging offline instead" if self.wandb_mode == "offline" else "training goes on without W&B"
             self.console.print(f"warning: W&B could not start {cfg.wandb_mode if cfg.wandb_mode != 'auto' else ''}"
                                f"({wandb_tracker.fell_back}); {then}")
+        jsonl = next(t for t in accelerator.log_with if isinstance(t, JsonlTracker))
+        if jsonl.repaired:
+            self.console.print(jsonl.repaired)
         if resumed and accelerator.is_main_process:
             row = {"step": resumed.step, "micro_step": resumed.micro_step, "resumed_from": resumed.step}
-            next(t for t in accelerator.trackers if isinstance(t, JsonlTracker)).log(row)  # not W&B: step S is there
+            jsonl.log(row)  # not W&B: step S is there
 
     def __enter__(self) -> RunLog:
         return self

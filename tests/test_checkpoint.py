@@ -305,9 +305,12 @@ def test_relaunch_rules(reference, resume_data, tmp_path):
 def test_retention_keeps_the_newest_and_the_best(tmp_path):
     folder = tmp_path / "checkpoints"
     for step, val_loss in ((5, 3.0), (10, 1.5), (15, None), (20, 2.0), (25, 2.5)):
-        (folder / f"step_{step:08d}").mkdir(parents=True)
-        (folder / f"step_{step:08d}" / "manifest.json").write_text("{}")
-        (folder / f"step_{step:08d}" / "trainer_state.json").write_text(json.dumps({"val_loss": val_loss}))
+        path = folder / f"step_{step:08d}"
+        path.mkdir(parents=True)
+        for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):  # stand-ins: retention only hashes them
+            (path / name).write_bytes(name.encode())
+        (path / "trainer_state.json").write_text(json.dumps({"val_loss": val_loss}))
+        checkpoint.write_manifest(str(path), [*os.listdir(path)], step)
     (folder / "step_00000030").mkdir()  # a save in progress (no manifest yet): never touched
     (folder / "step_00000003").mkdir()  # a torn leftover older than the newest complete one: removed
     assert len(checkpoint.apply_retention(str(folder), keep_last=4, keep_best=False)) == 2  # 3 and 5
