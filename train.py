@@ -9,7 +9,6 @@ requests -- sits behind the `lmdist` calls. Two counters: `micro_step` counts ba
 optimizer updates. Relaunching the same command after an interruption continues where it stopped.
 """
 import math
-import os
 import sys
 
 from lmdist import checkpoint, config, data, engine, export, perf, rundir, streaming, tracking
