@@ -12,10 +12,15 @@ import math
 import os
 import sys
 
-from lmdist import checkpoint, config, data, engine, export, perf, streaming, tracking
-from lmdist.errors import run_cli
+from lmdist.errors import run_cli, stop_during_startup
+
+if __name__ == "__main__":  # before the imports below: they take seconds, and a SIGTERM then must not go unheard
+    stop_during_startup()
+
+from lmdist import checkpoint, config, data, engine, export, files, perf, streaming, tracking
 from lmdist.metrics import TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
+from lmdist.models.memory import check_attention_memory
 from lmdist.profiling import StepProfiler
 from lmdist.schedule import Plan, build_scheduler, lr_at
 from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_job
@@ -27,8 +32,10 @@ def main(argv: list[str]) -> None:
     if cfg.resume == "auto" and checkpoint.finished(cfg):
         print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do", flush=True)
         return
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    files.make_output_dir(cfg.output_dir)  # a folder that cannot be written is refused now, with exit 2
     accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
+    check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
+                           int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
     if resume:  # the same global batch on another number of processes adjusts grad_accum
         resume, cfg = checkpoint.adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
