@@ -72,15 +72,10 @@ def write_json(path: str, data: dict, indent: int = 2) -> str:
     return path
 
 
-def overwrite_json(path: str, data: dict) -> bool:
-    """Write `path` atomically or, where storage refuses the temp file (a full disk), over the old file in place:
-    compact JSON written before truncating needs no new blocks while it fits in the old file's. False when neither
-    worked (a read-only or vanished folder)."""
-    try:
-        write_json(path, data)
-        return True
-    except StorageError:
-        pass
+def write_json_in_place(path: str, data: dict) -> bool:
+    """Write `path` over its old contents, for when storage refused write_json's temp file (a full disk): compact
+    JSON written before truncating needs no new blocks while it fits in the old file's. False where that fails too
+    (a read-only or vanished folder); a reader may then find it torn."""
     try:
         with open(path, "r+") as f:
             f.write(json.dumps(data, default=str) + "\n")

@@ -24,7 +24,7 @@ from lmdist import files
 from lmdist.checkpoint import SIGNAL_LEAD_S
 from lmdist.config import TrainConfig
 from lmdist.data import Corpus
-from lmdist.errors import as_user_error
+from lmdist.errors import StorageError, as_user_error
 from lmdist.schedule import Plan
 from lmdist.sharding import is_sharded, local_parameters
 
@@ -360,15 +360,21 @@ class RunLog:
         self.accelerator.end_training()
         if not self.accelerator.is_main_process:
             return
-        record = {**self.facts, **summary, "wandb_mode": self.wandb_mode,
-                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        if summary.get("status") == "completed":
-            files.write_json(self.run_json, record)
-        elif not files.overwrite_json(self.run_json, record):  # a failed run's record must not fail in turn
-            self.print(f"warning: could not record the failure in {self.run_json}")
         if self.wandb_mode == "offline":
             wandb_dir = os.path.join(self.cfg.output_dir, "wandb")
             # quoted for the shell, the glob outside the quotes so that the shell still expands it
             self.print(f"W&B logged offline under {wandb_dir}; upload every piece of this run (one per launch) as "
                        f"one run with: wandb sync --id {shlex.quote(self.facts['run_id'])} "
                        f"{shlex.quote(wandb_dir + os.sep)}offline-run-*")
+        record = {**self.facts, **summary, "wandb_mode": self.wandb_mode,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            files.write_json(self.run_json, record)
+        except StorageError as error:  # run.json still says why, over its old blocks where there is no room
+            completed = record["status"] == "completed"
+            if completed:  # the run did not complete after all
+                record.update(status="failed", exit_code=error.exit_code, reason=str(error))
+            if not files.write_json_in_place(self.run_json, record):
+                self.print(f"warning: could not record the end of the run in {self.run_json}")
+            if completed:
+                raise

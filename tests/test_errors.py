@@ -141,7 +141,10 @@ def test_a_failure_is_recorded_in_run_json_over_the_old_file_when_the_disk_is_fu
     with pytest.raises(StorageError), files.atomic_open(str(disk / "other.json")) as f:
         f.write("z" * 100_000)
     assert not (disk / "other.json.tmp").exists() and not (disk / "other.json").exists()
-    assert files.overwrite_json(run_json, {"status": "failed", "exit_code": 74, "facts": "y" * 600})
+    failed = {"status": "failed", "exit_code": 74, "facts": "y" * 600}
+    with pytest.raises(StorageError):
+        files.write_json(run_json, failed)
+    assert files.write_json_in_place(run_json, failed)
     assert json.loads((disk / "run.json").read_text())["status"] == "failed"
     assert sorted(p.name for p in disk.iterdir()) == ["ballast", "run.json"]
 
