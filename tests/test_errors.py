@@ -109,6 +109,21 @@ def test_disk_full_mid_run_names_the_file_keeps_older_checkpoints_and_the_relaun
     assert [row["step"] for row in read_metrics(output_dir) if "train/loss" in row] == list(range(1, 9))
 
 
+def test_a_save_one_rank_cannot_write_stops_every_rank_at_once(markov_files, tmp_path, tmpfs):
+    """Rank zero's weights do not fit, rank one's own file did: neither waits for the other at the barrier."""
+    disk = tmpfs("disk", "size=600k")
+    output_dir = disk / "run"
+    result = launch(tiny_run(markov_files["short"], output_dir, "--batch_size", "2"), cwd=tmp_path, nproc=2,
+                    launcher="torchrun", timeout=240)
+    assert result.returncode != 0
+    step_4 = output_dir / "checkpoints" / "step_00000004"
+    assert f"lmdist: error: [rank 0] cannot write {step_4}" in result.stderr, result.stderr[-3000:]
+    assert f"lmdist: error: [rank 1] another rank could not write its part of {step_4}" in result.stderr
+    assert "Traceback" not in result.stdout
+    assert read_run(output_dir)["exit_code"] == EXIT_STORAGE
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_00000002"]
+
+
 def fill(disk: Path) -> None:
     """Fill a filesystem to its last block."""
     fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)
