@@ -9,12 +9,18 @@ requests -- sits behind the `lmdist` calls. Two counters: `micro_step` counts ba
 optimizer updates. Relaunching the same command after an interruption continues where it stopped.
 """
 import math
+import os
 import sys
 
+from lmdist.errors import run_cli, stop_during_startup
+
+if __name__ == "__main__":  # before the imports below: they take seconds, and a SIGTERM then must not go unheard
+    stop_during_startup()
+
 from lmdist import checkpoint, config, data, engine, export, perf, rundir, streaming, tracking
-from lmdist.errors import run_cli
 from lmdist.metrics import TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
+from lmdist.models.memory import check_attention_memory
 from lmdist.profiling import StepProfiler
 from lmdist.schedule import Plan, build_scheduler, lr_at
 from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_job
@@ -25,6 +31,8 @@ def main(argv: list[str]) -> None:
     streaming.check_streaming_config(cfg)
     accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
+    check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
+                           int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     if cfg.resume == "auto" and checkpoint.finished(cfg):
         print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do", flush=True)
         return

@@ -24,6 +24,7 @@ used here.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -39,12 +40,13 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lmdist import sharding
 from lmdist.config import TrainConfig
 from lmdist.engine import shared_from_main
-from lmdist.errors import ConfigError, LmdistError
+from lmdist.errors import ConfigError, LmdistError, StorageError
+from lmdist.files import agree_on_writes, save_safetensors, save_torch, write_json, writing
 
 SIGNAL_LEAD_S = 60  # Slurm's default time between --signal and the kill: a save must fit in it
 MANIFEST = "manifest.json"
@@ -108,31 +110,42 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
     began = time.perf_counter()
     if shared_from_main(accelerator, _complete_or_cleared(path) if accelerator.is_main_process else None):
         return 0.0  # this very state is saved already (a stop request right after resuming from it)
-    os.makedirs(path, exist_ok=True)
     state = gather_weights(accelerator, model)  # every rank takes part (shards are gathered)
     # keyed by parameter name, whole: loadable with or without FSDP, on any number of processes
     optimizer_state = sharding.full_optimizer_state(_training_module(accelerator, model), optimizer)
-    written = [_save_torch({"rng": _rng_state(), **rank_state}, path, f"rank_{accelerator.process_index:05d}.pt")]
+    failure = None  # a write the storage refused: the step's own folder goes, older checkpoints stay
+    try:
+        with writing(path):
+            os.makedirs(path, exist_ok=True)
+            written = [_save_torch({"rng": _rng_state(), **rank_state}, path,
+                                   f"rank_{accelerator.process_index:05d}.pt")]
+            if accelerator.is_main_process:
+                written.append(save_safetensors(without_tied_copies(state), os.path.join(path, "model.safetensors"),
+                                                metadata={"format": "pt"}))
+                written.append(_save_torch(optimizer_state, path, "optimizer.pt"))
+                written.append(_save_torch(scheduler.state_dict(), path, "scheduler.pt"))
+                if accelerator.scaler is not None:  # fp16's loss scale
+                    written.append(_save_torch(accelerator.scaler.state_dict(), path, "scaler.pt"))
+                trainer_state = {"progress": asdict(progress), "run_id": run_id, "config": cfg.to_dict(),
+                                 "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
+                                 "sharded": sharding.is_sharded(model), "val_loss": val_loss}  # sharded: for the record
+                written.append(_write_json(os.path.join(path, STATE), trainer_state))
+            for file in written:
+                _fsync(file)
+    except StorageError as error:
+        failure = error
+    remove_partial = functools.partial(shutil.rmtree, path, ignore_errors=True)
+    agree_on_writes(accelerator, failure, path, remove_partial)  # and a barrier: every rank's part is on disk
     if accelerator.is_main_process:
-        save_file(without_tied_copies(state), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        written.append(os.path.join(path, "model.safetensors"))
-        written.append(_save_torch(optimizer_state, path, "optimizer.pt"))
-        written.append(_save_torch(scheduler.state_dict(), path, "scheduler.pt"))
-        if accelerator.scaler is not None:  # fp16's loss scale
-            written.append(_save_torch(accelerator.scaler.state_dict(), path, "scaler.pt"))
-        trainer_state = {"progress": asdict(progress), "run_id": run_id, "config": cfg.to_dict(),
-                         "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
-                         "sharded": sharding.is_sharded(model), "val_loss": val_loss}  # sharded: for the record
-        written.append(_write_json(os.path.join(path, STATE), trainer_state))
-    for file in written:
-        _fsync(file)
-    accelerator.wait_for_everyone()  # every rank's part is on disk
-    if accelerator.is_main_process:
-        others = [f"rank_{rank:05d}.pt" for rank in range(1, accelerator.num_processes)]
-        write_manifest(path, [os.path.basename(file) for file in written] + others, progress.step)
-        _fsync(os.path.dirname(path))
-        apply_retention(os.path.dirname(path), cfg.keep_last, cfg.keep_best)
-    accelerator.wait_for_everyone()
+        try:
+            with writing(path):
+                others = [f"rank_{rank:05d}.pt" for rank in range(1, accelerator.num_processes)]
+                write_manifest(path, [os.path.basename(file) for file in written] + others, progress.step)
+                _fsync(os.path.dirname(path))
+            apply_retention(os.path.dirname(path), cfg.keep_last, cfg.keep_best)
+        except StorageError as error:
+            failure = error
+    agree_on_writes(accelerator, failure, path, remove_partial)
     return time.perf_counter() - began
 
 
@@ -546,10 +559,7 @@ def _tied_aliases(module: torch.nn.Module) -> set[str]:
 
 
 def _save_torch(obj, folder: str, name: str) -> str:
-    path = os.path.join(folder, name)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
+    return save_torch(obj, os.path.join(folder, name))
 
 
 def _load_torch(folder: str, name: str):
@@ -562,10 +572,7 @@ def _load_torch(folder: str, name: str):
 
 
 def _write_json(path: str, data: dict) -> str:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return path
+    return write_json(path, data, indent=1)
 
 
 def _fsync(path: str) -> None:

@@ -78,8 +78,8 @@ def eval(checkpoint: str, dataset: str | None = None, split: str | None = None, 
     """val/loss, val/ppl, val/acc of a checkpoint or final/ folder: on its run's validation data, or on
     `split` of `dataset` (default split: validation, valid, test or train, the first there is)."""
     from lmdist.errors import run_cli
+    from lmdist.files import write_json
     from lmdist.inference import evaluate_saved
-    from lmdist.tracking import write_json
 
     def run() -> None:
         result = evaluate_saved(str(checkpoint), None if dataset is None else str(dataset), split, batch_size)
@@ -101,4 +101,7 @@ def generate(checkpoint: str, prompt: str = "", max_new_tokens: int = 200, tempe
 
 
 def main() -> None:
-    fire.Fire({"eval": eval, "generate": generate, "env": env, "fields": fields, "peak": peak}, name="lmdist")
+    from lmdist.errors import quiet_broken_pipe
+
+    quiet_broken_pipe(lambda: fire.Fire({"eval": eval, "generate": generate, "env": env, "fields": fields,
+                                         "peak": peak}, name="lmdist"))

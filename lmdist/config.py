@@ -13,12 +13,14 @@ import math
 import os
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
 from lmdist.errors import ConfigError
+from lmdist.files import atomic_open
 
 TOKENIZER_NAMES = ("byte", "char", "word", "bpe")
 
@@ -94,7 +96,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: str) -> None:
-        with open(path, "w") as f:
+        with atomic_open(path) as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
     @property
@@ -111,7 +113,7 @@ _TYPES = typing.get_type_hints(TrainConfig)
 def load_config(argv: list[str], prog: str = "train.py") -> TrainConfig:
     """The config for a command line; `-h`/`--help` prints every field and exits 0."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text(prog))
+        print(help_text(prog), flush=True)  # a closed pipe (`--help | head`) fails here, not at exit
         raise SystemExit(0)
     return parse_args(argv)
 
@@ -159,17 +161,36 @@ def _split_flags(argv: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"flag --{name} needs a value")
         if name != "config" and name not in FIELDS:
             raise ConfigError(f"unknown flag --{name}{_suggestion(name)} (see --help)")
-        if name in flags:
-            raise ConfigError(f"flag --{name} given twice")
-        flags[name] = value
+        flags[name] = value  # a flag given again wins, as with argparse: overrides are appended to a command
         i += 1
     return flags
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently):
+    a --config file is written, not appended to, so a second value is a mistake, not an override."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a key may override what a merge (<<) brings
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader itself refuses it, with its own message
+            if key in seen:
+                raise ConfigError(f"{key!r} is given twice (lines {seen[key]} and {line}): keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
     except yaml.YAMLError as e:
@@ -281,6 +302,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.n_embd % cfg.n_head == 0, "n_embd", f"must be divisible by n_head ({cfg.n_head})")
     need(cfg.block_size >= 2, "block_size", "must be at least 2 (a sequence needs an input and a target)")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
+    # numpy's seed range, checked here so that every rank refuses it (numpy would fail on rank 1 alone)
+    need(0 <= cfg.seed <= 2**32 - 1, "seed", "must be between 0 and 2**32 - 1 (4294967295)")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1")
     need(cfg.vocab_size >= 260, "vocab_size", "must be at least 260 (byte-level BPE starts from 256 bytes)")
     need(cfg.lr >= 0, "lr", "must be non-negative")

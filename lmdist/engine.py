@@ -283,7 +283,8 @@ def shared_from_main(accelerator: Accelerator, value: T) -> T:
 
 def seed_everything(seed: int, accelerator: Accelerator, per_rank: bool) -> None:
     """Same seed on every rank for initialisation; seed + rank afterwards so ranks draw different dropout."""
-    set_seed(seed + (accelerator.process_index if per_rank else 0))
+    # modulo numpy's seed range: seed 2**32 - 1 is valid, and rank 1 must not then fail alone
+    set_seed((seed + (accelerator.process_index if per_rank else 0)) % 2**32)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

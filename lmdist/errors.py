@@ -1,18 +1,29 @@
 """Errors a user can fix, and the exit statuses that report them.
 
 Anything raised as `LmdistError` is the user's to fix (bad config, missing data): the command prints
-one message, no traceback, and exits with the error's status. Anything else is a bug and keeps its
-traceback.
+one message, no traceback, and exits with the error's status. Storage refusing a write (disk full,
+read-only, I/O error) is reported the same way wherever it surfaces, as a `StorageError`. A reader that
+closes stdout early (`lmdist fields | head`) ends the command quietly. Anything else is a bug and keeps
+its traceback.
 """
 from __future__ import annotations
 
+import errno
 import faulthandler
 import gc
 import os
+import re
+import select
+import signal
 import sys
 from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 74  # sysexits.h EX_IOERR, beside EX_TEMPFAIL (75): stopped, relaunch
+EXIT_STOPPED = 75  # stopped on request (lmdist.stopping); job scripts relaunch on it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
+# OS errors that mean "storage refused" wherever they escape from (a library's own write, say)
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 class LmdistError(Exception):
@@ -33,6 +44,46 @@ class LaunchError(LmdistError):
     """The launcher's environment and the processes Accelerate sees disagree."""
 
 
+class StorageError(LmdistError):
+    """Storage refused a write during the run (disk full, quota, read-only filesystem, I/O error).
+
+    Its own status, not 2 (the config is fine) nor 75 (a wrapper that relaunches at once would fail again)."""
+
+    exit_code = EXIT_STORAGE
+
+    @classmethod
+    def writing(cls, path: str | None, error: BaseException) -> StorageError:
+        cause = os_error_of(error)
+        what = f"[Errno {cause.errno}] {cause.strerror}" if cause else str(error)
+        return cls(f"cannot write {path or 'a file'}: {what}; free space or fix the filesystem, then relaunch the "
+                   "same command: it continues from the last complete checkpoint")
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OS error behind `error`: itself, one it was raised from or during (torch.save's RuntimeError), or the
+    errno in a Rust library's message (safetensors, tokenizers: "... (os error 28)")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def as_user_error(error: BaseException) -> BaseException:
+    """`error` as the user should see it: a storage refusal that escaped unconverted becomes a StorageError."""
+    if isinstance(error, LmdistError):
+        return error
+    cause = os_error_of(error)
+    if cause is not None and cause.errno in STORAGE_ERRNOS:
+        return StorageError.writing(cause.filename, cause)
+    return error
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Call `main()`; turn an `LmdistError` into its message on stderr and its exit status.
 
@@ -43,18 +94,65 @@ def run_cli(main: Callable[[], object]) -> None:
     if not faulthandler.is_enabled() and sys.__stderr__ is not None:
         faulthandler.enable(sys.__stderr__)
     try:
-        main()
+        quiet_broken_pipe(main)
         # Free the run's Arrow-backed datasets while the interpreter is whole: Arrow's native threads
         # torn down during interpreter finalization can abort an exit that had succeeded
         # ("terminate called without an active exception": apache/arrow#34314, huggingface/datasets#7566).
         gc.collect()
         _close_process_group()
-    except LmdistError as error:
+    except SystemExit:  # a stop signal during start-up: leave the process group as an error exit does
+        _close_process_group()
+        raise
+    except Exception as raised:
+        error = as_user_error(raised)
+        if not isinstance(error, LmdistError):
+            raise
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
         print(f"lmdist: {getattr(error, 'label', 'error')}: {where}{error}", file=sys.stderr, flush=True)
         _close_process_group()
         sys.exit(error.exit_code)
+
+
+def quiet_broken_pipe(main: Callable[[], object]) -> None:
+    """Call `main()`; if its reader closed stdout (`... | head`), exit with status 141 and no traceback.
+
+    The Python docs' recipe (library/signal, "Note on SIGPIPE"), but only when stdout really is the closed
+    pipe: a broken pipe to a DataLoader worker is a failure and keeps its traceback."""
+    try:
+        main()
+        sys.stdout.flush()  # here, not at interpreter exit, where the error would be printed
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush writes nowhere
+        sys.exit(EXIT_BROKEN_PIPE)
+
+
+def _stdout_closed() -> bool:
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout
+        return False
+
+
+def stop_during_startup() -> None:
+    """Until training installs its own handlers (lmdist.stopping.StopGuard), a stop signal (SIGTERM, SIGINT,
+    SIGUSR1) ends the launch at once with a message and EXIT_STOPPED.
+
+    Nothing has been trained yet, so nothing is lost; EXIT_STOPPED, not EXIT_BAD_INPUT: the config is fine, and job
+    scripts relaunch on 75, which continues the run. A SystemExit, not an LmdistError: the signal may come during
+    the imports (seconds of them), before run_cli is there to catch anything."""
+    def stop(signum, frame) -> None:
+        print(f"lmdist: stopped: {signal.Signals(signum).name} during start-up, before any training step of this "
+              "launch: nothing was trained or saved; relaunch the same command to continue", file=sys.stderr,
+              flush=True)
+        sys.exit(EXIT_STOPPED)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 def _close_process_group() -> None:

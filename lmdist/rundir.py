@@ -33,7 +33,8 @@ import sys
 import time
 
 from lmdist.engine import shared_from_main
-from lmdist.errors import LmdistError
+from lmdist.errors import ConfigError, LmdistError
+from lmdist.files import make_output_dir
 from lmdist.stopping import slurm_job_id
 
 LOCK_FILE = "run.lock"
@@ -105,19 +106,18 @@ def hold(output_dir: str, accelerator) -> None:
     if accelerator.is_main_process:
         lock_path = os.path.join(output_dir, LOCK_FILE)
         try:
-            os.makedirs(output_dir, exist_ok=True)
+            make_output_dir(output_dir)
             holder = acquire(output_dir)
             if holder is not None:
                 verdict = (OutputDirInUse, f"{output_dir} is held by a live run ({holder}): wait for it to end or "
                                            "stop it, or choose another output_dir")
+        except ConfigError as e:  # cannot be created or written: nothing of the run could be written either
+            verdict = (OutputDirUnusable, str(e))
         except OSError as e:
             if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 warning = (f"warning: cannot lock {lock_path} ({e.strerror}): this filesystem has no working flock "
                            "(Lustre: mount with -o flock), so nothing stops a second launch into this output_dir")
-            elif os.path.islink(output_dir) and not os.path.exists(output_dir):
-                verdict = (OutputDirUnusable, f"{output_dir} is a link to {os.readlink(output_dir)}, which does not "
-                                              "exist: create it, or choose another output_dir")
-            else:  # read-only, no permission, not a folder: nothing of the run could be written either
+            else:  # as make_output_dir would say it, but on every rank: none is left waiting at the broadcast
                 verdict = (OutputDirUnusable, f"cannot write {e.filename or lock_path} ({e.strerror}): choose an "
                                               "output_dir this user can write, or fix its permissions")
     verdict = shared_from_main(accelerator, verdict)

@@ -8,6 +8,7 @@ gradient norm on any rank before the optimizer applies it.
 
     SIGUSR1  (Slurm's warning before a time limit or preemption) -> checkpoint, requeue under Slurm, exit 75
     SIGTERM  (scancel, Slurm preemption), SIGINT (Ctrl-C)        -> checkpoint, exit 75
+    any of these before the StopGuard exists (start-up)          -> a message, exit 75 (lmdist.errors)
     a NaN or inf                                                  -> exit 3, nothing saved
 """
 from __future__ import annotations
@@ -21,10 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lmdist.errors import LmdistError
+from lmdist.errors import EXIT_STOPPED, LmdistError
 
 EXIT_NONFINITE = 3
-EXIT_STOPPED = 75
 MAX_SKIPPED_STEPS = 20  # fp16: the scaler skips overflowing steps; this many in a row means divergence
 
 

@@ -10,17 +10,21 @@ import json
 import netrc
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import suppress
 from urllib.parse import urlparse
 
 from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
 
+from lmdist import files
 from lmdist.checkpoint import SIGNAL_LEAD_S
 from lmdist.config import TrainConfig
 from lmdist.data import Corpus
+from lmdist.errors import StorageError, as_user_error
 from lmdist.schedule import Plan
 from lmdist.sharding import is_sharded, local_parameters
 
@@ -40,7 +44,7 @@ class JsonlTracker(GeneralTracker):
     def __init__(self, path: str):
         super().__init__()
         self.path = path
-        self.file = None
+        self.fd: int | None = None
         self.resume_step: int | None = None  # set before start() when resuming
         self.repaired: str | None = None  # the warning about a torn tail cut off by start()
 
@@ -48,7 +52,10 @@ class JsonlTracker(GeneralTracker):
     def start(self) -> None:
         if self.resume_step is not None and os.path.exists(self.path):
             self._cut_back(self.resume_step)
-        self.file = open(self.path, "a" if self.resume_step is not None else "w")  # noqa: SIM115 -- closed in finish()
+        # a raw descriptor, no buffer: a row the disk refused can be cut off whole, and closing has nothing to flush
+        with files.writing(self.path):
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND |
+                              (0 if self.resume_step is not None else os.O_TRUNC), 0o666)
 
     def _cut_back(self, step: int) -> None:
         """Keep the trusted rows up to `step`, each ending in a newline; say what a torn tail cost."""
@@ -70,13 +77,12 @@ class JsonlTracker(GeneralTracker):
                 break
             if row["step"] <= step:
                 kept.append(line.rstrip(b"\r\n") + b"\n")  # a last row complete but for its newline gets one
-        with open(self.path + ".tmp", "wb") as f:
+        with files.atomic_open(self.path, "wb") as f:
             f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
 
     @property
     def tracker(self):
-        return self.file
+        return self.fd
 
     @on_main_process
     def store_init_configuration(self, values: dict) -> None:
@@ -84,12 +90,20 @@ class JsonlTracker(GeneralTracker):
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        self.file.write(json.dumps(values) + "\n")
-        self.file.flush()
+        row = memoryview((json.dumps(values) + "\n").encode())
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        with files.writing(self.path):
+            try:
+                while row:
+                    row = row[os.write(self.fd, row):]
+            except OSError:
+                with suppress(OSError):
+                    os.ftruncate(self.fd, end)  # a disk-full write leaves no torn row behind
+                raise
 
     @on_main_process
     def finish(self) -> None:
-        self.file.close()
+        os.close(self.fd)
 
 
 class ResilientWandBTracker(WandBTracker):
@@ -234,15 +248,6 @@ def run_facts(accelerator, plan: Plan, corpus: Corpus, model, parameters: int) -
     }
 
 
-def write_json(path: str, data: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _launcher() -> str:
     if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by every `accelerate launch`
         return "accelerate"
@@ -328,7 +333,7 @@ class RunLog:
         self.run_json = os.path.join(cfg.output_dir, "run.json")
         if accelerator.is_main_process:
             cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
-            write_json(self.run_json, {**self.facts, "status": "running"})
+            files.write_json(self.run_json, {**self.facts, "status": "running"})
         for tracker in accelerator.log_with:
             if isinstance(tracker, ResilientWandBTracker):
                 tracker.init_kwargs["id"] = run_id  # a resumed run continues its W&B run
@@ -354,6 +359,7 @@ class RunLog:
     def __exit__(self, kind, error, traceback) -> None:
         if error is None or self.closed:
             return
+        error = as_user_error(error)  # the status and reason the command will report
         reason = {"status": getattr(error, "status", "failed"), "exit_code": getattr(error, "exit_code", 1),
                   "reason": str(error) or type(error).__name__}
         self.finish(reason)
@@ -394,9 +400,21 @@ class RunLog:
         self.accelerator.end_training()
         if not self.accelerator.is_main_process:
             return
-        write_json(self.run_json, {**self.facts, **summary, "wandb_mode": self.wandb_mode,
-                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         if self.wandb_mode == "offline":
-            self.print(f"W&B logged offline under {os.path.join(self.cfg.output_dir, 'wandb')}; upload every piece "
-                       f"of this run (one per launch) as one run with: wandb sync --id {self.facts['run_id']} "
-                       f"{os.path.join(self.cfg.output_dir, 'wandb', 'offline-run-*')}")
+            wandb_dir = os.path.join(self.cfg.output_dir, "wandb")
+            # quoted for the shell, the glob outside the quotes so that the shell still expands it
+            self.print(f"W&B logged offline under {wandb_dir}; upload every piece of this run (one per launch) as "
+                       f"one run with: wandb sync --id {shlex.quote(self.facts['run_id'])} "
+                       f"{shlex.quote(wandb_dir + os.sep)}offline-run-*")
+        record = {**self.facts, **summary, "wandb_mode": self.wandb_mode,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            files.write_json(self.run_json, record)
+        except StorageError as error:  # run.json still says why, over its old blocks where there is no room
+            completed = record["status"] == "completed"
+            if completed:  # the run did not complete after all
+                record.update(status="failed", exit_code=error.exit_code, reason=str(error))
+            if not files.write_json_in_place(self.run_json, record):
+                self.print(f"warning: could not record the end of the run in {self.run_json}")
+            if completed:
+                raise

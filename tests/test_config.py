@@ -53,7 +53,7 @@ def test_misspelt_flag_suggests_the_field():
     (["--lr_schedule", "step"], "expects one of cosine, linear, constant"),
     (["--max_steps"], "flag --max_steps needs a value"),
     (["gpt"], "unexpected argument 'gpt'"),
-    (["--lr", "1", "--lr", "2"], "flag --lr given twice"),
+    (["--lr", "1", "--lr", "fast"], "--lr: expects a number, got 'fast'"),  # the last of a repeated flag counts
 ])
 def test_wrong_types_are_named(argv, message):
     assert message in error_of(argv)

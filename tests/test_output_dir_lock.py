@@ -129,8 +129,8 @@ def test_an_output_dir_that_cannot_be_written_is_one_message(markov_files, tmp_p
     """The lock is the launch's first write into output_dir: a path it cannot create is a message, not a traceback."""
     (tmp_path / "a_file").write_text("")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
-    for output_dir, said in ((tmp_path / "a_file" / "run", f"cannot write {tmp_path / 'a_file' / 'run'} (Not a "
-                                                           "directory): choose an output_dir this user can write"),
-                             (tmp_path / "dangling", f"is a link to {tmp_path / 'gone'}, which does not exist")):
+    for output_dir, said in ((tmp_path / "a_file" / "run", f"--output_dir {tmp_path / 'a_file' / 'run'} is not a "
+                                                           "writable folder ([Errno 20] Not a directory)"),
+                             (tmp_path / "dangling", f"a symbolic link to {tmp_path / 'gone'}, which does not exist")):
         result = launch(run_args(markov_files, output_dir), cwd=tmp_path, timeout=120)
         assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
