@@ -140,7 +140,7 @@ def quiet_progress_bars(is_main: bool) -> None:
 
 def check_source(spec: str) -> None:
     """Fail fast on a local path that is missing, empty or holds no data file (hub names are checked when loaded)."""
-    if spec == "builtin" or not looks_local(spec):
+    if spec == "builtin" or not looks_local(spec) or is_saved_dataset(spec):
         return
     found = local_files(spec)
     if len(found.files) == 1 and os.path.getsize(found.files[0]) == 0:
@@ -159,8 +159,7 @@ def load_rows(cfg: TrainConfig, say: Callable[[str], None] = warn):
         docs = corpus.builtin_documents()
         loaded = datasets.DatasetDict({"train": datasets.Dataset.from_dict({cfg.text_column: docs})})
         source = {"dataset": "builtin", "modules": len(docs), "corpus_fingerprint": corpus.fingerprint(docs)}
-    elif looks_local(cfg.dataset) and local_files(cfg.dataset).kind == TEXT and not cfg.val_dataset:
-        found = local_files(cfg.dataset)
+    elif not cfg.val_dataset and (found := text_source(cfg.dataset)):
         say_left_out(found, say)
         train, val, source = split_text_files(found.files, cfg)
         report_bad_bytes((train, val), say)
@@ -193,11 +192,23 @@ def load_rows(cfg: TrainConfig, say: Callable[[str], None] = warn):
     return train, val, source
 
 
+def text_source(spec: str) -> LocalFiles | None:
+    """The text files `spec` names, or None when it names a saved dataset, table files or a hub dataset."""
+    if is_saved_dataset(spec) or not looks_local(spec):
+        return None
+    found = local_files(spec)
+    return found if found.kind == TEXT else None
+
+
+def is_saved_dataset(spec: str) -> bool:
+    return os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, m)) for m in SAVED_DATASET_MARKERS)
+
+
 def load_dataset_dict(spec: str, cfg: TrainConfig, say: Callable[[str], None] = warn):
     """A DatasetDict from a local file/folder/glob, a save_to_disk folder or a hub name."""
     import datasets
 
-    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, m)) for m in SAVED_DATASET_MARKERS):
+    if is_saved_dataset(spec):
         loaded = datasets.load_from_disk(spec)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
     if looks_local(spec):

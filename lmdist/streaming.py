@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from lmdist.config import TrainConfig
 from lmdist.data import (
     CONTINUES,
-    SAVED_DATASET_MARKERS,
     TEXT,
     as_text,
+    is_saved_dataset,
     local_files,
     looks_local,
     table_builder_options,
@@ -55,7 +55,7 @@ def open_stream(cfg: TrainConfig, rank: int, world_size: int):
     from datasets.distributed import split_dataset_by_node
 
     spec = cfg.dataset
-    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, m)) for m in SAVED_DATASET_MARKERS):
+    if is_saved_dataset(spec):
         saved = datasets.load_from_disk(spec)
         saved = saved["train"] if isinstance(saved, datasets.DatasetDict) else saved
         stream = saved.to_iterable_dataset(num_shards=max(world_size, min(64, saved.num_rows)))
