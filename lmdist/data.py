@@ -302,7 +302,7 @@ def file_kind(path: str) -> str | None:
 
 
 def local_files(spec: str) -> LocalFiles:
-    """The data files of one file, a folder's files (hidden ones aside) or a glob's matches.
+    """The data files of one file, a folder's files (hidden ones aside) or a glob's matches (a folder's files).
 
     A folder or glob takes its json/jsonl/csv/parquet files when it has some (text files beside them, such as
     a README.md, are left out), else its text files; binary and empty files are left out.
@@ -314,12 +314,12 @@ def local_files(spec: str) -> LocalFiles:
             raise DataError(f"{path!r} is not a data file: it holds NUL bytes (binary) and is not "
                             f"{'/'.join(TABLE_BUILDERS)}")
         return LocalFiles(kind, [path])
-    if os.path.isdir(path):
-        candidates = sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True))
-    elif glob.has_magic(path):
-        candidates = sorted(glob.glob(path, recursive=True))
-    else:
+    if not os.path.isdir(path) and not glob.has_magic(path):
         raise DataError(f"dataset path {spec!r} does not exist")
+    matches = [path] if os.path.isdir(path) else sorted(glob.glob(path, recursive=True))
+    candidates = [f for match in matches
+                  for f in (sorted(glob.glob(os.path.join(match, "**", "*"), recursive=True))
+                            if os.path.isdir(match) else [match])]
     kinds, left_out = {}, {}
     for candidate in filter(os.path.isfile, candidates):
         kind = file_kind(candidate) if os.path.getsize(candidate) else "empty"

@@ -176,6 +176,7 @@ def test_a_folder_leaves_out_binary_files_and_text_beside_tables_with_a_note(tmp
     (tmp_path / "texts" / "__init__.py").write_text("")
     found = data.local_files(str(tmp_path / "texts"))
     assert found.kind == data.TEXT and [p.rsplit("/", 1)[1] for p in found.files] == ["a.md", "b"]
+    assert data.local_files(str(tmp_path / "tex*")).files == found.files  # a glob matching the folder
     corpus_of(tmp_path, str(tmp_path / "texts"))
     err = capsys.readouterr().err
     assert "2 file(s) left out" in err and "logo.png (binary)" in err and "__init__.py (empty)" in err
