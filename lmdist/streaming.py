@@ -4,7 +4,9 @@ The source is a HuggingFace `IterableDataset` (hub dataset, local files, or a sa
 across ranks with `split_dataset_by_node` -- whole shards per rank when the shard count allows, else
 every world_size-th row -- so no row is read by two ranks. Rows are tokenized and packed on the fly into
 the same overlapping block_size sequences as the map-style path, and the stream repeats (a new pass,
-`set_epoch`) until max_steps.
+`set_epoch`) until max_steps. Text files are read as in the map-style path (lmdist.data): one document
+per file, in pieces, line breaks kept, the end-of-text token after the file's last piece only; each
+file is a shard.
 
 Its position is part of the checkpoint: the source's own `state_dict()` (which resumes without
 replaying the stream where the source supports it: files skip to their shard and offset) plus the tokens
@@ -19,7 +21,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lmdist.config import TrainConfig
-from lmdist.data import BUILDERS, SAVED_DATASET_MARKERS, data_files, looks_local
+from lmdist.data import (
+    CONTINUES,
+    TEXT,
+    as_text,
+    is_saved_dataset,
+    local_files,
+    looks_local,
+    table_builder_options,
+    text_features,
+    text_rows,
+)
 from lmdist.errors import ConfigError, DataError
 from lmdist.tokenizer import Tokenizer, encode_rows
 
@@ -43,14 +55,19 @@ def open_stream(cfg: TrainConfig, rank: int, world_size: int):
     from datasets.distributed import split_dataset_by_node
 
     spec = cfg.dataset
-    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, m)) for m in SAVED_DATASET_MARKERS):
+    if is_saved_dataset(spec):
         saved = datasets.load_from_disk(spec)
         saved = saved["train"] if isinstance(saved, datasets.DatasetDict) else saved
         stream = saved.to_iterable_dataset(num_shards=max(world_size, min(64, saved.num_rows)))
     elif looks_local(spec):
-        files = data_files(spec)
-        builder = BUILDERS[os.path.splitext(files[0])[1].lower()]
-        stream = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=True)
+        found = local_files(spec)
+        if found.kind == TEXT:  # a list in gen_kwargs makes each file a shard
+            stream = datasets.IterableDataset.from_generator(
+                text_rows, features=text_features(cfg.text_column),
+                gen_kwargs={"parts": [(f, 0, os.path.getsize(f)) for f in found.files], "column": cfg.text_column})
+        else:
+            stream = datasets.load_dataset(found.kind, data_files={"train": found.files}, split="train",
+                                           streaming=True, **table_builder_options(found.kind, cfg.text_column))
     else:
         try:
             stream = datasets.load_dataset(spec, cfg.dataset_config, split="train", streaming=True)
@@ -86,10 +103,10 @@ class StreamedSequences(IterableDataset):
                 self.rows.load_state_dict(self._resume_rows_state)
                 self._resume_rows_state = None
             for row in self.rows:
-                text = row[self.column]
-                if not text or text.isspace():
+                text = as_text(row[self.column])
+                if not text:  # a row without text has nothing to predict
                     continue
-                self.carry.extend(encode_rows(self.tokenizer, [text])[0])
+                self.carry.extend(encode_rows(self.tokenizer, [text], [not row.get(CONTINUES, False)])[0])
                 while len(self.carry) > T:
                     chunk = torch.tensor(self.carry[: T + 1])
                     self.carry = self.carry[T:]  # the next sequence starts at this one's last target

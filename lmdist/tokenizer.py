@@ -1,14 +1,18 @@
 """Tokenizers: byte, char, word (as in the lesson), byte-level BPE, or a HuggingFace tokenizer folder.
 
-Every tokenizer appends an end-of-document token to each row it encodes (the lesson's `<eos>` per
-line), so packed sequences see where documents end. `char` and `word` build their vocabulary from
-the training split only; `bpe` trains there too. All of them save to and load from a folder
+The end-of-document token follows each document's last row (a text file is one document read in
+several rows; a json/csv/parquet row is a document of its own), so packed sequences see where
+documents end and nowhere else. Line breaks are text: `byte`, `char` and `bpe` encode every character
+as written; `word` keeps each line break as a symbol of its own and folds the other whitespace between
+two words into the one space `decode` puts back. `char` and `word` build their vocabulary from the
+training split only; `bpe` trains there too. All of them save to and load from a folder
 (`<output_dir>/tokenizer/`), so a run's tokenizer travels with its weights.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -16,6 +20,7 @@ from lmdist.errors import DataError
 
 UNK, EOS = "<unk>", "<eos>"
 META_FILE = "lmdist_tokenizer.json"
+WORDS_AND_LINE_BREAKS = re.compile(r"\n|[^\s]+")
 
 
 class ByteTokenizer:
@@ -36,7 +41,7 @@ class ByteTokenizer:
 
 
 class VocabTokenizer:
-    """Characters (`char`) or whitespace-separated words (`word`) from a fixed vocabulary; the rest is <unk>."""
+    """Characters (`char`) or words and line breaks (`word`) from a fixed vocabulary; the rest is <unk>."""
 
     def __init__(self, kind: str, symbols: list[str]):
         self.kind = kind
@@ -60,8 +65,15 @@ class VocabTokenizer:
         return [index.get(s, 0) for s in _split(self.kind, text)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        sep = " " if self.kind == "word" else ""
-        return sep.join(self.symbols[i] for i in ids)
+        symbols = [self.symbols[i] for i in ids]
+        if self.kind == "char":
+            return "".join(symbols)
+        text = []  # words: one space between two words, none beside a line break
+        for previous, symbol in zip([None, *symbols], symbols, strict=False):
+            if previous not in (None, "\n") and symbol != "\n":
+                text.append(" ")
+            text.append(symbol)
+        return "".join(text)
 
     def save(self, folder: str) -> None:
         _write_meta(folder, {"kind": self.kind, "symbols": self.symbols[2:]})
@@ -145,20 +157,22 @@ def load_tokenizer(folder: str) -> Tokenizer:
     return HFTokenizer.from_folder(folder, meta["kind"])
 
 
-def encode_rows(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each row, each followed by the end-of-document token (when the tokenizer has one)."""
+def encode_rows(tokenizer: Tokenizer, texts: list[str], ends: list[bool] | None = None) -> list[list[int]]:
+    """Token ids of each row, followed by the end-of-document token where `ends` says the row ends its document
+    (every row when None) and the tokenizer has one."""
     if isinstance(tokenizer, HFTokenizer):
         batch = tokenizer.encode_batch(texts)  # parallel, in Rust
     else:
         batch = [tokenizer.encode(t) for t in texts]
     if tokenizer.eos_id is not None:
-        for ids in batch:
-            ids.append(tokenizer.eos_id)
+        for ids, ends_document in zip(batch, ends or [True] * len(batch), strict=True):
+            if ends_document:
+                ids.append(tokenizer.eos_id)
     return batch
 
 
 def _split(kind: str, text: str) -> Iterable[str]:
-    return text.split() if kind == "word" else text
+    return WORDS_AND_LINE_BREAKS.findall(text) if kind == "word" else text
 
 
 def _write_meta(folder: str, meta: dict) -> None:

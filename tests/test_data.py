@@ -199,8 +199,8 @@ def write_sources(folder) -> dict:
     return {"lines": lines}
 
 
-@pytest.mark.parametrize("spec, extra", [("a.txt", {}), ("b.jsonl", {"text_column": "body"}), ("c.csv", {}),
-                                         ("d.parquet", {}), ("saved", {}), ("shards", {}), ("shards/*.txt", {})])
+@pytest.mark.parametrize("spec, extra", [("b.jsonl", {"text_column": "body"}), ("c.csv", {}), ("d.parquet", {}),
+                                         ("saved", {})])
 def test_local_sources_load_with_a_tail_validation_split(tmp_path, spec, extra):
     lines = write_sources(tmp_path)["lines"]
     cfg = cfg_for(str(tmp_path / spec), val_fraction=0.1, cache_dir=str(tmp_path / "c"), **extra)
@@ -208,6 +208,16 @@ def test_local_sources_load_with_a_tail_validation_split(tmp_path, spec, extra):
     column = extra.get("text_column", "text")
     assert train[column] == lines[:36] and val[column] == lines[36:]
     assert source["val_split"] == "last 4 of 40 rows"
+
+
+@pytest.mark.parametrize("spec", ["a.txt", "shards", "shards/*.txt"])
+def test_text_files_hold_out_the_tail_of_their_text(tmp_path, spec):
+    lines = write_sources(tmp_path)["lines"]
+    text = "\n".join(lines) + "\n"
+    train, val, source = load_rows(cfg_for(str(tmp_path / spec), val_fraction=0.1, cache_dir=str(tmp_path / "c")))
+    n_val = round(len(text) * 0.1)
+    assert "".join(val["text"]) == text[-n_val:] and "".join(train["text"]) == text[:-n_val]
+    assert source["val_split"] == f"last {n_val} of {len(text)} bytes"
 
 
 def test_a_saved_validation_split_is_used(tmp_path):
@@ -221,20 +231,20 @@ def test_a_saved_validation_split_is_used(tmp_path):
 
 
 def test_val_dataset_and_single_document_split(tmp_path):
-    (tmp_path / "one.txt").write_text("x" * 1000 + "\n")
+    (tmp_path / "one.txt").write_text("x" * 999 + "\n")
     train, val, _ = load_rows(cfg_for(str(tmp_path / "one.txt"), val_fraction=0.25, cache_dir=str(tmp_path / "c")))
-    assert len(train[0]["text"]) == 750 and len(val[0]["text"]) == 250
+    assert train[0]["text"] == "x" * 750 and val[0]["text"] == "x" * 249 + "\n"
     (tmp_path / "v.txt").write_text("held out\n")
     train, val, _ = load_rows(cfg_for(str(tmp_path / "one.txt"), val_dataset=str(tmp_path / "v.txt"),
                                            cache_dir=str(tmp_path / "c")))
-    assert val["text"] == ["held out"] and len(train[0]["text"]) == 1000
+    assert val["text"] == ["held out\n"] and train[0]["text"] == "x" * 999 + "\n"
 
 
 @pytest.mark.parametrize("make, spec, message", [
     (lambda d: None, "missing.txt", "does not exist"),
     (lambda d: (d / "empty.txt").write_text(""), "empty.txt", "is empty"),
-    (lambda d: (d / "notes.md").write_text("hi"), "notes.md", "is not a data file of a known type"),
-    (lambda d: (d / "e").mkdir(), "e", "holds no a data file"),
+    (lambda d: (d / "blob.bin").write_bytes(b"PK\0\3"), "blob.bin", "is not a data file: it holds NUL bytes"),
+    (lambda d: (d / "e").mkdir(), "e", "holds no data file"),
 ])
 def test_bad_local_sources(tmp_path, make, spec, message):
     from lmdist.data import check_source
