@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lmdist.config import TrainConfig
 from lmdist.data import (
+    BAD_BYTES,
     CONTINUES,
+    FILE,
     TEXT,
     as_text,
     is_saved_dataset,
@@ -31,6 +33,7 @@ from lmdist.data import (
     table_builder_options,
     text_features,
     text_rows,
+    warn,
 )
 from lmdist.errors import ConfigError, DataError
 from lmdist.tokenizer import Tokenizer, encode_rows
@@ -86,6 +89,7 @@ class StreamedSequences(IterableDataset):
         self.rows, self.tokenizer, self.column, self.block_size = rows, tokenizer, column, block_size
         self.passes, self.carry = 0, []  # completed passes over the stream; tokens packed but not yet used
         self._resume_rows_state = None
+        self._files_with_bad_bytes: set[str] = set()  # each named once, by the rank that reads it
 
     def state(self) -> dict:
         """Where the stream is, after the last sequence handed out."""
@@ -106,6 +110,11 @@ class StreamedSequences(IterableDataset):
                 text = as_text(row[self.column])
                 if not text:  # a row without text has nothing to predict
                     continue
+                if row.get(BAD_BYTES) and row[FILE] not in self._files_with_bad_bytes:
+                    self._files_with_bad_bytes.add(row[FILE])
+                    warn(f"warning: {row[FILE]} holds bytes that are not UTF-8 ({row[BAD_BYTES]} in its piece at "
+                         "this point of the stream): they are read as U+FFFD; convert it to UTF-8 (e.g. `iconv -f "
+                         "latin1 -t utf-8`) to keep those characters")
                 self.carry.extend(encode_rows(self.tokenizer, [text], [not row.get(CONTINUES, False)])[0])
                 while len(self.carry) > T:
                     chunk = torch.tensor(self.carry[: T + 1])

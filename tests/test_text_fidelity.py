@@ -224,23 +224,25 @@ def test_a_tokenizer_folder_without_end_of_text_warns_on_the_main_process(tmp_pa
 
 # ----------------------------------------------------------------------------- streamed text files
 
-def test_streamed_text_files_are_read_as_written(tmp_path, monkeypatch):
+def test_streamed_text_files_are_read_as_written(tmp_path, monkeypatch, capsys):
     from lmdist import streaming
 
     monkeypatch.setattr(data, "PIECE_BYTES", 16)
-    texts = ["one\n\ntwo é\n" * 5, "three\r\nfour 😀" * 5]
+    texts = ["one\n\ntwo é\n" * 5, "three\r\nfour 😀" * 5, "caf\ufffd\n" * 5]
     for i, text in enumerate(texts):
-        (tmp_path / f"part{i}.txt").write_text(text)
+        (tmp_path / f"part{i}.txt").write_bytes(text.encode().replace("\ufffd".encode(), b"\xe9"))  # Latin-1 é
     cfg = TrainConfig(dataset=str(tmp_path / "part*.txt"), streaming=True, max_steps=1, val_dataset="x",
                       block_size=8)
     sequences = streaming.StreamedSequences(streaming.open_stream(cfg, 0, 1), ByteTokenizer(), "text", 8)
-    expected = [*texts[0].encode(), EOS, *texts[1].encode(), EOS]
+    expected = [*texts[0].encode(), EOS, *texts[1].encode(), EOS, *texts[2].encode(), EOS]
     targets = []
     for _, target in sequences:
         targets += target.tolist()
         if len(targets) >= len(expected) - 1:
             break
     assert targets[:len(expected) - 1] == expected[1:]
+    err = capsys.readouterr().err
+    assert err.count("holds bytes that are not UTF-8") == 1 and "part2.txt" in err
 
 
 # ----------------------------------------------------------------------------- item 7: bounded memory
