@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
     check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
                            int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     if cfg.resume == "auto" and checkpoint.finished(cfg):
-        print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do", flush=True)
+        accelerator.print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do")
         return
     resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
     if resume:  # the same global batch on another number of processes or batch_size adjusts grad_accum
