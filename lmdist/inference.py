@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lmdist import checkpoint, data, engine
+from lmdist import checkpoint, data, engine, sources
 from lmdist.config import TrainConfig, make_config
 from lmdist.errors import DataError
 from lmdist.metrics import evaluate
@@ -68,10 +68,11 @@ def evaluate_saved(folder: str, dataset: str | None, split: str | None, batch_si
     accelerator = engine.build_accelerator(cfg)
     data.quiet_progress_bars(accelerator.is_main_process)
     if dataset is None:
-        rows = data.load_rows(cfg)[1]
+        rows = sources.load_rows(cfg)[1]
     else:
-        data.check_source(dataset)
-        rows = data.pick_split(data.load_dataset_dict(dataset, cfg), (split,) if split else data.EVAL_SPLITS, dataset)
+        sources.check_source(dataset)
+        rows = sources.pick_split(sources.load_dataset_dict(dataset, cfg), (split,) if split else sources.EVAL_SPLITS,
+                                  dataset)
     tokens = data.TokenStream(data.tokenize(rows, saved.tokenizer, cfg.text_column))
     sequences = data.PackedSequences(tokens, cfg.block_size, keep_partial=True)
     loader = data.eval_loader(sequences, cfg.batch_size, accelerator)

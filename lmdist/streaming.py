@@ -4,7 +4,7 @@ The source is a HuggingFace `IterableDataset` (hub dataset, local files, or a sa
 across ranks with `split_dataset_by_node` -- whole shards per rank when the shard count allows, else
 every world_size-th row -- so no row is read by two ranks. Rows are tokenized and packed on the fly into
 the same overlapping block_size sequences as the map-style path, and the stream repeats (a new pass,
-`set_epoch`) until max_steps. Text files are read as in the map-style path (lmdist.data): one document
+`set_epoch`) until max_steps. Text files are read as in the map-style path (lmdist.sources): one document
 per file, in pieces, line breaks kept, the end-of-text token after the file's last piece only; each
 file is a shard.
 
@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lmdist.config import TrainConfig
-from lmdist.data import (
+from lmdist.errors import ConfigError, DataError
+from lmdist.sources import (
     BAD_BYTES,
     CONTINUES,
     FILE,
@@ -35,7 +36,6 @@ from lmdist.data import (
     text_rows,
     warn,
 )
-from lmdist.errors import ConfigError, DataError
 from lmdist.tokenizer import Tokenizer, encode_rows
 
 

@@ -16,12 +16,12 @@ from lmdist.data import (
     PackedSequences,
     TokenStream,
     eval_loader,
-    load_rows,
     pairs,
     tokenize,
     train_loader,
 )
 from lmdist.errors import DataError
+from lmdist.sources import load_rows
 from lmdist.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -247,7 +247,7 @@ def test_val_dataset_and_single_document_split(tmp_path):
     (lambda d: (d / "e").mkdir(), "e", "holds no data file"),
 ])
 def test_bad_local_sources(tmp_path, make, spec, message):
-    from lmdist.data import check_source
+    from lmdist.sources import check_source
 
     make(tmp_path)
     with pytest.raises(DataError, match=message):
@@ -295,7 +295,7 @@ def test_data_errors_exit_2_on_every_rank(tmp_path, nproc):
     for result, message in ((missing, "does not exist"), (small, "fewer than one optimizer step needs")):
         assert result.returncode == (2 if nproc == 1 else 1)  # launchers squash worker statuses to 1
         assert result.stderr.count(message) == nproc, result.stderr[-3000:]
-        assert "lmdist/data.py" not in result.stderr and "lmdist/schedule.py" not in result.stderr
+        assert all(f"lmdist/{module}.py" not in result.stderr for module in ("data", "sources", "schedule"))
 
 
 def test_file_datasets_are_tokenized_into_memory_mapped_arrow(tmp_path):

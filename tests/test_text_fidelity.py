@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from lmdist import data
+from lmdist import data, sources
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
 from lmdist.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
@@ -33,7 +33,7 @@ def tokens(stream: data.TokenStream) -> list[int]:
 
 @pytest.mark.parametrize("piece_bytes", [1 << 20, 7])  # one piece per file; many, cut between lines and characters
 def test_text_files_decode_back_to_their_exact_text(tmp_path, monkeypatch, piece_bytes):
-    monkeypatch.setattr(data, "PIECE_BYTES", piece_bytes)
+    monkeypatch.setattr(sources, "PIECE_BYTES", piece_bytes)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_bytes(WRITTEN.encode())
     (tmp_path / "docs" / "b.txt").write_bytes(b"second file\n")
@@ -55,11 +55,11 @@ def test_a_text_file_without_validation_split_holds_out_its_tail(tmp_path):
 
 
 def test_pieces_are_cut_after_line_breaks_and_never_inside_a_character(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PIECE_BYTES", 8)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 8)
     path = tmp_path / "a.txt"
     path.write_text("abc\nde\nfghijklmn" + "€😀" * 10)
     with open(path, "rb") as f:
-        pieces = list(data._pieces(f))
+        pieces = list(sources._pieces(f))
     assert b"".join(pieces) == path.read_bytes() and len(pieces) > 5
     assert pieces[0] == b"abc\nde\n"  # after the line break in its second half
     assert all(piece.decode("utf-8") for piece in pieces)  # each piece is whole characters
@@ -144,8 +144,8 @@ def test_rows_without_text_are_counted_and_reported(tmp_path, capsys):
 
 def test_csv_cells_are_read_as_written(tmp_path):
     (tmp_path / "a.csv").write_text("id,text\n1,1984\n2,NA\n3,\n4,null\n5,words here\n")
-    train, _, _ = data.load_rows(TrainConfig(dataset=str(tmp_path / "a.csv"), cache_dir=str(tmp_path / "c"),
-                                               val_dataset=str(tmp_path / "a.csv")))
+    train, _, _ = sources.load_rows(TrainConfig(dataset=str(tmp_path / "a.csv"), cache_dir=str(tmp_path / "c"),
+                                                  val_dataset=str(tmp_path / "a.csv")))
     assert train["text"] == ["1984", "NA", "", "null", "words here"]
     ids = data.tokenize(train, ByteTokenizer(), "text")["ids"]
     assert [ByteTokenizer().decode(row) for row in ids] == ["1984", "NA", "null", "words here"]
@@ -174,16 +174,16 @@ def test_a_folder_leaves_out_binary_files_and_text_beside_tables_with_a_note(tmp
     (tmp_path / "texts" / "b").write_text("no extension\n" * 20)
     (tmp_path / "texts" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
     (tmp_path / "texts" / "__init__.py").write_text("")
-    found = data.local_files(str(tmp_path / "texts"))
-    assert found.kind == data.TEXT and [p.rsplit("/", 1)[1] for p in found.files] == ["a.md", "b"]
-    assert data.local_files(str(tmp_path / "tex*")).files == found.files  # a glob matching the folder
+    found = sources.local_files(str(tmp_path / "texts"))
+    assert found.kind == sources.TEXT and [p.rsplit("/", 1)[1] for p in found.files] == ["a.md", "b"]
+    assert sources.local_files(str(tmp_path / "tex*")).files == found.files  # a glob matching the folder
     corpus_of(tmp_path, str(tmp_path / "texts"))
     err = capsys.readouterr().err
     assert "2 file(s) left out" in err and "logo.png (binary)" in err and "__init__.py (empty)" in err
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "README.md").write_text("# a dataset card\n")
     (tmp_path / "hub" / "train.jsonl").write_text(json.dumps({"text": "a row"}) + "\n")
-    found = data.local_files(str(tmp_path / "hub"))
+    found = sources.local_files(str(tmp_path / "hub"))
     assert found.kind == "json"
     assert found.left_out == {str(tmp_path / "hub" / "README.md"): "text beside the json files"}
 
@@ -196,7 +196,7 @@ def test_a_test_split_validates_when_there_is_no_validation_split(tmp_path):
     splits = {"train": ["a b c"] * 5, "test": ["held out"]}
     datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
         str(tmp_path / "saved"))
-    train, val, source = data.load_rows(TrainConfig(dataset=str(tmp_path / "saved")))
+    train, val, source = sources.load_rows(TrainConfig(dataset=str(tmp_path / "saved")))
     assert train["text"] == splits["train"] and val["text"] == ["held out"] and source["val_split"] == "test"
 
 
@@ -227,7 +227,7 @@ def test_a_tokenizer_folder_without_end_of_text_warns_on_the_main_process(tmp_pa
 def test_streamed_text_files_are_read_as_written(tmp_path, monkeypatch, capsys):
     from lmdist import streaming
 
-    monkeypatch.setattr(data, "PIECE_BYTES", 16)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 16)
     texts = ["one\n\ntwo é\n" * 5, "three\r\nfour 😀" * 5, "caf\ufffd\n" * 5]
     for i, text in enumerate(texts):
         (tmp_path / f"part{i}.txt").write_bytes(text.encode().replace("\ufffd".encode(), b"\xe9"))  # Latin-1 é
