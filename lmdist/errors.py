@@ -109,9 +109,23 @@ def run_cli(main: Callable[[], object]) -> None:
             raise
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
-        print(f"lmdist: {getattr(error, 'label', 'error')}: {where}{error}", file=sys.stderr, flush=True)
+        say_whole_line(f"lmdist: {getattr(error, 'label', 'error')}: {where}{error}")
         _close_process_group()
         sys.exit(error.exit_code)
+
+
+def say_whole_line(message: str) -> None:
+    """`message` on stderr in one write: the ranks of a launch share one stderr, and a pipe keeps a write of up to
+    PIPE_BUF (4 KiB) bytes whole, where print's pieces could interleave with another rank's message."""
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor (captured, replaced)
+        print(message, file=sys.stderr, flush=True)
+        return
+    data = (message + "\n").encode(errors="backslashreplace")
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def quiet_broken_pipe(main: Callable[[], object]) -> None:

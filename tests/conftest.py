@@ -120,7 +120,7 @@ def markov_files(markov, tmp_path_factory) -> dict[str, Path]:
     files["train"].write_text(markov.sample(200_000, seed=1) + "\n")
     files["val"].write_text(markov.sample(20_000, seed=2) + "\n")
     files["short"].write_text(markov.sample(2_100, seed=3) + "\n")
-    # 999 symbols + <eos>: 999 targets, not a multiple of block_size 32 nor of the batch
+    # 999 symbols + its line break + <eos>: 1000 targets, not a multiple of block_size 32 nor of the batch
     files["short_val"].write_text(markov.sample(999, seed=4) + "\n")
     return files
 

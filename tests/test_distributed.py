@@ -141,8 +141,9 @@ def test_evaluation_counts_every_token_once_whatever_the_world_size(markov_files
     model = build_model(cfg, tokenizer.vocab_size)
     model.load_state_dict(final_weights(tmp_path / "one"), strict=False)  # lm_head is tied to wte
     model.eval()
-    ids = torch.tensor(tokenizer.encode(markov_files["short_val"].read_text().strip()) + [tokenizer.eos_id])
-    assert len(ids) == 1000
+    # the file as written: its trailing line break is a token too, then the end-of-text token
+    ids = torch.tensor(tokenizer.encode(markov_files["short_val"].read_text()) + [tokenizer.eos_id])
+    assert len(ids) == 1001
     total, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for start in range(0, len(ids) - 1, 32):  # the packing: inputs ids[s:s+32], targets shifted by one
@@ -151,7 +152,7 @@ def test_evaluation_counts_every_token_once_whatever_the_world_size(markov_files
             total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
             count += len(y)
-    assert count == 999
+    assert count == 1000
     assert one["val/loss"] == pytest.approx(total / count, rel=1e-5)
     assert one["val/acc"] == pytest.approx(correct / count, abs=1e-9)
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -88,9 +89,12 @@ def test_a_refused_launch_names_the_holder_on_every_rank_and_writes_nothing(mark
     named = f"held by a live run (host {platform.node()}, pid {holder.pid}, Slurm job 4242, since "
     if nproc == 1:
         assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr
-    else:  # torchrun reports a failed worker as 1; each rank said why and exited 2, none hung
+    else:  # torchrun reports a failed worker as 1; each rank said why and none hung
+        assert result.returncode == 1
         assert all(f"[rank {r}] {out} is {named}" in result.stderr for r in range(nproc)), result.stderr[-3000:]
-        assert result.stderr.count("exitcode  : 2") == nproc, result.stderr[-3000:]
+        # the first rank out exits 2; torchrun may SIGTERM the others once they have said why, before they exit
+        codes = re.findall(r"exitcode  : (-?\d+)", result.stderr)
+        assert "2" in codes and set(codes) <= {"2", "-15"}, result.stderr[-3000:]
 
 
 def test_the_lock_dies_with_its_holder_and_a_relaunch_resumes(markov_files, tmp_path):

@@ -186,7 +186,8 @@ def replace_step(resume: checkpoint.Resume, step: int) -> checkpoint.Resume:
 # ----------------------------------------------------------------------------- item 10: a longer run
 
 def advised_command(stderr: str) -> str:
-    message = next(line for line in stderr.splitlines() if "lmdist: error:" in line)  # each rank says it
+    # each rank says it, in one write; rank zero's line (or the only one)
+    message = next(line for line in stderr.splitlines() if line.startswith("lmdist: error:") and "[rank 1]" not in line)
     assert "differs from the finished run" in message and "max_steps (finished run 20, now 26)" in message
     return message.split(" with: ", 1)[1]
 
