@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
                                   progress=progress.normalized(plan.steps_per_epoch * cfg.grad_accum),
                                   rank_state={"meter": train_meter.sums,
                                               **({"stream": train_set.state()} if cfg.streaming else {})},
-                                  run_id=run_id,
+                                  run_id=run_id, forked_from=forked_from,
                                   data_fingerprint=corpus.fingerprint, val_loss=row.get("val/loss"))
         log.checkpoint_saved(path, seconds)
         return path

@@ -87,6 +87,7 @@ class Resume:
     config: dict
     data_fingerprint: str
     world_size: int  # processes that saved it
+    forked_from: dict | None = None  # the run a fork began from (its checkpoint, run id and step)
     resumed_by: int | None = None  # processes that resume it (set by adapt_to_world_size)
 
     @property
@@ -102,7 +103,8 @@ def step_dir(output_dir: str, step: int) -> str:
 # ----------------------------------------------------------------------------- saving
 
 def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, scheduler, progress: Progress,
-         rank_state: dict, run_id: str, data_fingerprint: str, val_loss: float | None) -> float:
+         rank_state: dict, run_id: str, data_fingerprint: str, val_loss: float | None,
+         forked_from: dict | None = None) -> float:
     """Write a complete checkpoint at `path` on every rank, then apply retention; returns seconds taken.
 
     `val_loss` (the evaluation at this step, if any) is recorded for `keep_best`.
@@ -126,7 +128,8 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
                 written.append(_save_torch(scheduler.state_dict(), path, "scheduler.pt"))
                 if accelerator.scaler is not None:  # fp16's loss scale
                     written.append(_save_torch(accelerator.scaler.state_dict(), path, "scaler.pt"))
-                trainer_state = {"progress": asdict(progress), "run_id": run_id, "config": cfg.to_dict(),
+                trainer_state = {"progress": asdict(progress), "run_id": run_id, "forked_from": forked_from,
+                                 "config": cfg.to_dict(),
                                  "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
                                  "sharded": sharding.is_sharded(model), "val_loss": val_loss}  # sharded: for the record
                 written.append(_write_json(os.path.join(path, STATE), trainer_state))
@@ -290,6 +293,8 @@ def find_resume(cfg: TrainConfig, warn) -> Resume | None:
 
     `resume=auto` takes the newest complete checkpoint and skips torn or corrupted ones (warning with
     `warn`); `resume=never` refuses an output_dir that already holds a run; an explicit path must be complete.
+    A fork (an explicit checkpoint of another run) that already saved checkpoints of its own continues from
+    them: relaunching its first command continues the fork, as for any run.
     """
     if cfg.resume == "never":
         used = [n for n in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(cfg.output_dir, n))]
@@ -297,14 +302,27 @@ def find_resume(cfg: TrainConfig, warn) -> Resume | None:
             raise ConfigError(f"--resume never: {cfg.output_dir} already holds a run ({', '.join(used)}); "
                               "choose a new output_dir, or use --resume auto to continue it")
         return None
-    if cfg.resume != "auto":
+    if cfg.resume != "auto" and is_own_checkpoint(cfg.resume, cfg.output_dir):
         return _resume_from(cfg.resume)
+    own = None
     for _, path in sorted(_step_folders(os.path.join(cfg.output_dir, "checkpoints")), reverse=True):
         try:
-            return _resume_from(path)
+            own = _resume_from(path)
+            break
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint {path}: {e}")
-    return None
+    if cfg.resume == "auto":
+        return own
+    if own is not None:  # a fork relaunched with its first command: it continues the fork, not its source
+        warn(f"continuing this run from its own newest checkpoint {own.path}; --resume {cfg.resume} is where it "
+             "began")
+        return own
+    return _resume_from(cfg.resume)
+
+
+def is_own_checkpoint(checkpoint_path: str, output_dir: str) -> bool:
+    """Whether a checkpoint folder is one of output_dir's own (output_dir/checkpoints/step_N), not a fork's source."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(checkpoint_path))) == os.path.realpath(output_dir)
 
 
 def check_compatible(resume: Resume, cfg: TrainConfig) -> None:
@@ -485,7 +503,11 @@ def verify(path: str) -> dict:
         return files
     for name, expected in files.items():
         file = os.path.join(path, name)
-        if os.path.getsize(file) != expected["size"] or _sha256(file) != expected["sha256"]:
+        try:
+            matches = os.path.getsize(file) == expected["size"] and _sha256(file) == expected["sha256"]
+        except OSError as e:  # unreadable (I/O error, permissions): a checkpoint to skip, not a crash on one rank
+            raise CheckpointError(f"{file} cannot be read ({e.strerror})") from None
+        if not matches:
             raise CheckpointError(f"{file} does not match the manifest (truncated or modified)")
     _verified[os.path.realpath(path)] = stamp
     return files
@@ -527,7 +549,7 @@ def _resume_from(path: str) -> Resume:
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
     return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"],
-                  state["world_size"])
+                  state["world_size"], state.get("forked_from"))
 
 
 def _recorded_val_loss(path: str) -> float | None:

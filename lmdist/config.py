@@ -55,7 +55,7 @@ class TrainConfig:
     min_freq: int = _f(1, "char/word: keep symbols seen at least this often in training; rarer ones become <unk>", "data")
     streaming: bool = _f(False, "read the training data as a stream (HF IterableDataset) split across ranks, for corpora too large for local disk; needs max_steps, val_dataset, and a byte or folder tokenizer", "data")
     # optimisation
-    epochs: int = _f(1, "passes over the training data, each in a fresh seeded order; ignored when max_steps is set", "optimisation")
+    epochs: int = _f(1, "passes over the training data, each in a fresh seeded order (when max_steps is set, it decides the length instead)", "optimisation")
     max_steps: int | None = _f(None, "train exactly this many optimizer steps, over as many epochs as they take (overrides epochs); default: epochs whole epochs", "optimisation")
     batch_size: int = _f(32, "sequences per process per micro-step", "optimisation")
     grad_accum: int = _f(1, "micro-steps accumulated into each optimizer step", "optimisation")

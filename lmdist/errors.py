@@ -61,15 +61,17 @@ class StorageError(LmdistError):
 
 def os_error_of(error: BaseException) -> OSError | None:
     """The OS error behind `error`: itself, one it was raised from or during (torch.save's RuntimeError), or the
-    errno in a Rust library's message (safetensors, tokenizers: "... (os error 28)")."""
+    errno in a message: a Rust library's (safetensors, tokenizers: "... (os error 28)") or shutil.copytree's, which
+    gathers its files' errors as text ("[Errno 28] No space left on device")."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno:
             return error
-        code = re.search(r"\(os error (\d+)\)", str(error))
+        code = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(error))
         if code:
-            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+            number = int(code.group(1) or code.group(2))
+            return OSError(number, os.strerror(number))
         error = error.__cause__ or error.__context__
     return None
 
@@ -160,9 +162,8 @@ def stop_during_startup() -> None:
     scripts relaunch on 75, which continues the run. A SystemExit, not an LmdistError: the signal may come during
     the imports (seconds of them), before run_cli is there to catch anything."""
     def stop(signum, frame) -> None:
-        print(f"lmdist: stopped: {signal.Signals(signum).name} during start-up, before any training step of this "
-              "launch: nothing was trained or saved; relaunch the same command to continue", file=sys.stderr,
-              flush=True)
+        say_whole_line(f"lmdist: stopped: {signal.Signals(signum).name} during start-up, before any training step of "
+                       "this launch: nothing was trained or saved; relaunch the same command to continue")
         sys.exit(EXIT_STOPPED)
 
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):

@@ -33,7 +33,7 @@ import sys
 import time
 
 from lmdist.engine import shared_from_main
-from lmdist.errors import ConfigError, LmdistError
+from lmdist.errors import STORAGE_ERRNOS, ConfigError, LmdistError, StorageError
 from lmdist.files import make_output_dir
 from lmdist.stopping import slurm_job_id
 
@@ -117,6 +117,8 @@ def hold(output_dir: str, accelerator) -> None:
             if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 warning = (f"warning: cannot lock {lock_path} ({e.strerror}): this filesystem has no working flock "
                            "(Lustre: mount with -o flock), so nothing stops a second launch into this output_dir")
+            elif e.errno in STORAGE_ERRNOS:  # a full disk lets the probe's empty file through, not the holder's name
+                verdict = (StorageError, str(StorageError.writing(lock_path, e)))
             else:  # as make_output_dir would say it, but on every rank: none is left waiting at the broadcast
                 verdict = (OutputDirUnusable, f"cannot write {e.filename or lock_path} ({e.strerror}): choose an "
                                               "output_dir this user can write, or fix its permissions")

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from lmdist.errors import DataError
+from lmdist.files import atomic_open, writing
 
 UNK, EOS = "<unk>", "<eos>"
 META_FILE = "lmdist_tokenizer.json"
@@ -121,7 +122,10 @@ class HFTokenizer:
 
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
-        self.tok.save(os.path.join(folder, "tokenizer.json"))
+        path = os.path.join(folder, "tokenizer.json")
+        with writing(path, path + ".tmp"):  # a full disk: a StorageError, which every rank is told of
+            self.tok.save(path + ".tmp")
+            os.replace(path + ".tmp", path)
         _write_meta(folder, {"kind": self.kind, "eos_token": self.eos_token})
 
 
@@ -177,7 +181,7 @@ def _split(kind: str, text: str) -> Iterable[str]:
 
 def _write_meta(folder: str, meta: dict) -> None:
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, META_FILE), "w") as f:
+    with atomic_open(os.path.join(folder, META_FILE)) as f:
         json.dump(meta, f)
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
 
 from lmdist import files
-from lmdist.checkpoint import SIGNAL_LEAD_S
+from lmdist.checkpoint import SIGNAL_LEAD_S, is_own_checkpoint
 from lmdist.config import TrainConfig
 from lmdist.data import Corpus
 from lmdist.errors import StorageError, as_user_error
@@ -198,8 +198,8 @@ def run_identity(resume, output_dir: str) -> tuple[str, dict | None]:
     """
     if resume is None:
         return new_run_id(), None
-    if os.path.dirname(os.path.dirname(os.path.realpath(resume.path))) == os.path.realpath(output_dir):
-        return resume.run_id, None
+    if is_own_checkpoint(resume.path, output_dir):
+        return resume.run_id, resume.forked_from  # a fork's own checkpoint remembers where the fork began
     source = {"checkpoint": os.path.abspath(resume.path), "run_id": resume.run_id, "step": resume.progress.step}
     return new_run_id(), source
 

@@ -177,6 +177,22 @@ def test_storage_errors_buried_by_libraries_are_recognised():
     assert as_user_error(ValueError("a bug")).__class__ is ValueError, "anything else keeps its traceback"
 
 
+def test_a_full_disk_under_copytree_is_a_storage_error(tmp_path):
+    """shutil.copytree (the tokenizer into final/) gathers its files' OSErrors as text in one shutil.Error."""
+    import shutil
+
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{}")
+
+    def full_disk(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+    with pytest.raises(shutil.Error) as raised:
+        shutil.copytree(tmp_path / "tokenizer", tmp_path / "final" / "tokenizer", copy_function=full_disk)
+    error = as_user_error(raised.value)
+    assert isinstance(error, StorageError) and "[Errno 28] No space left on device" in str(error)
+
+
 # ----------------------------------------------------------------------------- 17: refused on every rank at once
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])

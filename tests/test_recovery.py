@@ -2,6 +2,7 @@
 folders; and a fork (--resume of another run's checkpoint) logging as a run of its own."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -175,3 +176,32 @@ def test_a_fork_logs_to_a_new_wandb_run_and_records_its_source(source_run, tmp_p
     state = json.loads((fork / "checkpoints" / "step_00000006" / checkpoint.STATE).read_text())
     assert state["run_id"] == run["run_id"], "the fork's own checkpoints carry its id: its relaunches continue it"
     assert read_run(source)["forked_from"] is None
+    # The fork's first command again, run.json lost: it continues the fork from its own checkpoint (the end),
+    # keeping its id and origin, instead of forking anew from the source
+    (fork / "run.json").unlink()
+    again = run_ok([*args, "--resume", str(parent), "--output_dir", str(fork)], cwd=tmp_path)
+    own = fork / "checkpoints" / "step_00000006"
+    assert f"continuing this run from its own newest checkpoint {own}" in again.stdout
+    relaunched = read_run(fork)
+    assert (relaunched["run_id"], relaunched["forked_from"], relaunched["status"]) == (run["run_id"],
+                                                                                      run["forked_from"], "completed")
+    assert [r["step"] for r in read_metrics(fork) if "train/loss" in r][-1] == 6, "nothing trained past the end"
+
+
+def test_an_unreadable_checkpoint_file_is_a_checkpoint_to_skip(tmp_path, monkeypatch):
+    """An I/O error while hashing (a bad disk block) makes the checkpoint one resume and retention pass over,
+    not an OSError on rank zero alone while the other ranks wait for its verdict."""
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    names = [checkpoint.STATE, "model.safetensors", "optimizer.pt", "scheduler.pt"]
+    for name in names:
+        (folder / name).write_text("x")
+    checkpoint.write_manifest(str(folder), names, 1)
+    checkpoint._verified.clear()  # as a new process finds it
+
+    def failing_read(path):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(checkpoint, "_sha256", failing_read)
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot be read \(Input/output error\)"):
+        checkpoint.verify(str(folder))
