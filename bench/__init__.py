@@ -1,1 +1,1 @@
-"""lmdist benchmarks: `python bench/run.py` (see the README's Performance section)."""
+"""lmdist benchmarks: `python bench/run.py` (see bench/README.md)."""

@@ -1,4 +1,4 @@
-"""GPT-2 124M on one GPU: tokens/s and MFU with bf16 autocast, compiled and eager (the README's GPU figure).
+"""GPT-2 124M on one GPU: tokens/s and MFU with bf16 autocast, compiled and eager (bench/README.md's GPU figure).
 
     python bench/gpu.py [--text FILE] [--batch_size 32] [--steps 200] [--profile 5]
 

@@ -1,6 +1,6 @@
-"""Render bench figures (bench/results.json) as the README's Performance tables.
+"""Render bench figures (bench/results.json) as the tables of bench/README.md.
 
-    python bench/report.py [bench/results.json] [README.md]   # regenerate the README tables from saved figures
+    python bench/report.py [bench/results.json] [bench/README.md]   # regenerate the tables from saved figures
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def render(results: dict) -> str:
 
 
 def update_readme(path: str, results: dict) -> None:
-    """Replace the README's block between BEGIN and END (which must exist) with `render(results)`."""
+    """Replace the block between BEGIN and END (which must exist) in the README at `path` with `render(results)`."""
     text = Path(path).read_text()
     start, stop = text.find(BEGIN), text.find(END)
     if start < 0 or stop < 0:
@@ -122,5 +122,5 @@ def update_readme(path: str, results: dict) -> None:
 
 if __name__ == "__main__":
     figures = sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).parent / "results.json")
-    update_readme(sys.argv[2] if len(sys.argv) > 2 else str(Path(__file__).parent.parent / "README.md"),
+    update_readme(sys.argv[2] if len(sys.argv) > 2 else str(Path(__file__).parent / "README.md"),
                   json.loads(Path(figures).read_text()))

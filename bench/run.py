@@ -4,11 +4,13 @@
     python bench/run.py --smoke          # seconds per section, tiny models: checks the harness, asserts no figure
     python bench/run.py --only overhead,data --repeats 6   # some sections, merged into bench/results.json
 
+The README it regenerates is bench/README.md, which also says what each figure means.
+
 Every figure comes from separate processes launched the way a user launches them (`python train.py`,
 `accelerate launch`), each measured over log windows after a warm-up window. A run's speed is its fastest
 window (as `timeit` takes the fastest repeat: other load only ever slows a window down), a configuration's
 figure the median over its runs, and compared runs alternate (A B, B A, ...) so that drift in the machine
-hits both sides alike. See the README's "Performance" section for what each figure means.
+hits both sides alike.
 """
 from __future__ import annotations
 
@@ -286,8 +288,8 @@ def main() -> None:
                                                                   "A B, B A, A B, B A)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--out", default=None, help="figures as JSON (default bench/results.json; smoke: none)")
-    parser.add_argument("--readme", default=None, help="README whose Performance table to regenerate "
-                                                       "(default README.md; smoke: none)")
+    parser.add_argument("--readme", default=None, help="README whose tables to regenerate "
+                                                       "(default bench/README.md; smoke: none)")
     args = parser.parse_args()
     sections = [s for s in args.only.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -296,7 +298,7 @@ def main() -> None:
     if "options" in sections or "efficiency" in sections:  # they reuse the overhead runs when there are some
         sections = sorted(sections, key=SECTIONS.index)
     out = args.out or (None if args.smoke else str(REPO / "bench" / "results.json"))
-    readme = args.readme or (None if args.smoke else str(REPO / "README.md"))
+    readme = args.readme or (None if args.smoke else str(REPO / "bench" / "README.md"))
     partial = out and Path(out).exists() and set(sections) != set(SECTIONS)
     if partial and not same_machine(json.loads(Path(out).read_text())["machine"], machine()):
         parser.error(f"{out} holds figures from another machine or torch; a partial run would mix them into one "
@@ -311,7 +313,7 @@ def main() -> None:
     print(report.render(results))
     if readme:
         report.update_readme(readme, results)
-        print(f"bench: Performance table in {readme} regenerated", file=sys.stderr)
+        print(f"bench: tables in {readme} regenerated", file=sys.stderr)
 
 
 if __name__ == "__main__":

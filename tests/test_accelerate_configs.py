@@ -1,4 +1,4 @@
-"""Every file in accelerate_configs/ that can run on a CPU machine runs here, as its README row says."""
+"""Every file in accelerate_configs/ that can run on a CPU machine runs here, as its row in docs/launching.md says."""
 from __future__ import annotations
 
 import subprocess

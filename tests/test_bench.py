@@ -1,4 +1,4 @@
-"""The benchmark harness: its smoke mode runs every section end to end, and the README shows its figures."""
+"""The benchmark harness: its smoke mode runs every section end to end, and bench/README.md shows its figures."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,11 @@ from bench import run as bench_run
 from tests.conftest import REPO
 
 
-def test_readme_performance_tables_are_generated_from_the_saved_figures():
+def test_bench_readme_tables_are_generated_from_the_saved_figures():
     results = json.loads((REPO / "bench" / "results.json").read_text())
     assert not results["smoke"]
-    assert report.render(results) in (REPO / "README.md").read_text(), \
-        "README's Performance block is stale: run `python bench/report.py`"
+    assert report.render(results) in (REPO / "bench" / "README.md").read_text(), \
+        "bench/README.md's tables are stale: run `python bench/report.py`"
 
 
 @pytest.mark.launch
@@ -77,12 +77,27 @@ def test_the_gpu_benchmark_says_it_needs_a_gpu():
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr and "bench/run.py" in done.stderr
 
 
-def test_the_readme_gpu_figures_are_the_saved_ones():
-    """bench/gpu.py's results, as measured on the lent H200, are what the README's GPU table says."""
-    readme = (REPO / "README.md").read_text()
+def test_the_bench_readme_gpu_figures_are_the_saved_ones():
+    """bench/gpu.py's results, as measured on the lent H200, are what bench/README.md's GPU table says."""
+    readme = (REPO / "bench" / "README.md").read_text()
     for name in ("gpu_results.json", "gpu_results_b64.json"):
         results = json.loads((REPO / "bench" / name).read_text())
         for run in results["runs"]:
             row = (f"| {run['name']} | {run['batch_size']} | {run['tokens_per_sec']:,.0f} | "
                    f"{run['mfu_datasheet']:.1%}")
             assert row in readme, row
+
+
+def test_the_readme_headline_figures_are_the_saved_ones():
+    """The README's Performance paragraph quotes bench/results.json and the fastest run of bench/gpu.py."""
+    headline = (REPO / "README.md").read_text().partition("\n## Performance\n")[2]
+    results = json.loads((REPO / "bench" / "results.json").read_text())
+    overhead = [r["ratio"] for r in results["overhead"]]
+    scaling = [r["ratio"] for r in results["scaling"]]
+    mfu = {r["size"]: r["mfu_fp32"] for r in results["efficiency"]}
+    gpu = max((run for name in ("gpu_results.json", "gpu_results_b64.json")
+               for run in json.loads((REPO / "bench" / name).read_text())["runs"]), key=lambda r: r["tokens_per_sec"])
+    for figure in (f"{min(overhead):.2f} to {max(overhead):.2f} times",
+                   f"{min(scaling):.2f} to {max(scaling):.2f} times", f"{mfu['GPT M']:.1%} and {mfu['GPT L']:.1%}",
+                   f"{gpu['tokens_per_sec']:,.0f} tokens/s", f"{gpu['mfu_datasheet']:.1%} MFU"):
+        assert figure in headline, f"README's headline figure {figure!r} is not the saved one: see bench/README.md"
