@@ -43,7 +43,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lmdist import sharding
-from lmdist.config import TrainConfig
+from lmdist.config import TrainConfig, upgrade_saved
 from lmdist.engine import shared_from_main
 from lmdist.errors import ConfigError, LmdistError, StorageError
 from lmdist.files import agree_on_writes, save_safetensors, save_torch, write_json, writing
@@ -235,7 +235,7 @@ def _finished_config(output_dir: str) -> dict:
     if not isinstance(saved, dict):
         raise ConfigError(f"the finished run's {path} holds a {type(saved).__name__}, not a mapping of field: value: "
                           f"{fix}")
-    return saved
+    return upgrade_saved(saved)
 
 
 def relaunch_command(**flags: str) -> str:
@@ -548,8 +548,8 @@ def _resume_from(path: str) -> Resume:
     verify(path)
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
-    return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"],
-                  state["world_size"], state.get("forked_from"))
+    return Resume(path, Progress(**state["progress"]), state["run_id"], upgrade_saved(state["config"]),
+                  state["data_fingerprint"], state["world_size"], state.get("forked_from"))
 
 
 def _recorded_val_loss(path: str) -> float | None:

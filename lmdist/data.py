@@ -90,7 +90,7 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
             tokenizer = load_tokenizer(tokenizer_dir)  # the one the main process just trained and saved
         else:
             tokenizer = build_tokenizer(cfg.tokenizer, lambda: _texts(train_rows, cfg.text_column),
-                                        cfg.vocab_size, cfg.min_freq)
+                                        cfg.bpe_vocab_size, cfg.min_freq)
             if is_main:
                 tokenizer.save(tokenizer_dir)
         if tokenizer.eos_id is None:
