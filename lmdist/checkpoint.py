@@ -252,7 +252,9 @@ def relaunch_command(**flags: str) -> str:
 
 def _launcher_prefix() -> list[str]:
     """Everything of this process's command before the training flags."""
-    own = [sys.executable, sys.argv[0]]
+    flags = sys.argv[1:]
+    typed = _before(sys.orig_argv, flags)  # `-m lmdist.train`, `lmdist train`: there argv[0] is the module's file
+    own = [sys.executable, *typed[1:]] if typed and len(typed) > 1 else [sys.executable, sys.argv[0]]
     if "TORCHELASTIC_RUN_ID" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
         return own
     try:
@@ -260,10 +262,13 @@ def _launcher_prefix() -> list[str]:
             parent = [a.decode() for a in f.read().split(b"\0")[:-1]]
     except OSError:
         return own
-    flags = sys.argv[1:]
-    if len(parent) > len(flags) and parent[len(parent) - len(flags):] == flags:  # the launcher passed them on
-        return parent[:len(parent) - len(flags)]
-    return own
+    return _before(parent, flags) or own  # the launcher's command, when it passed the flags on
+
+
+def _before(command: list[str], flags: list[str]) -> list[str] | None:
+    """`command` less the `flags` it ends with; None when it does not end with them."""
+    cut = len(command) - len(flags)
+    return command[:cut] if cut > 0 and command[cut:] == flags else None
 
 
 def _without_flags(argv: list[str], names) -> list[str]:
