@@ -43,7 +43,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lmdist import sharding
-from lmdist.config import TrainConfig
+from lmdist.config import TrainConfig, upgrade_saved
 from lmdist.engine import shared_from_main
 from lmdist.errors import ConfigError, LmdistError, StorageError
 from lmdist.files import agree_on_writes, save_safetensors, save_torch, write_json, writing
@@ -235,7 +235,7 @@ def _finished_config(output_dir: str) -> dict:
     if not isinstance(saved, dict):
         raise ConfigError(f"the finished run's {path} holds a {type(saved).__name__}, not a mapping of field: value: "
                           f"{fix}")
-    return saved
+    return upgrade_saved(saved)
 
 
 def relaunch_command(**flags: str) -> str:
@@ -252,7 +252,9 @@ def relaunch_command(**flags: str) -> str:
 
 def _launcher_prefix() -> list[str]:
     """Everything of this process's command before the training flags."""
-    own = [sys.executable, sys.argv[0]]
+    flags = sys.argv[1:]
+    typed = _before(sys.orig_argv, flags)  # `-m lmdist.train`, `lmdist train`: there argv[0] is the module's file
+    own = [sys.executable, *typed[1:]] if typed and len(typed) > 1 else [sys.executable, sys.argv[0]]
     if "TORCHELASTIC_RUN_ID" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
         return own
     try:
@@ -260,10 +262,13 @@ def _launcher_prefix() -> list[str]:
             parent = [a.decode() for a in f.read().split(b"\0")[:-1]]
     except OSError:
         return own
-    flags = sys.argv[1:]
-    if len(parent) > len(flags) and parent[len(parent) - len(flags):] == flags:  # the launcher passed them on
-        return parent[:len(parent) - len(flags)]
-    return own
+    return _before(parent, flags) or own  # the launcher's command, when it passed the flags on
+
+
+def _before(command: list[str], flags: list[str]) -> list[str] | None:
+    """`command` less the `flags` it ends with; None when it does not end with them."""
+    cut = len(command) - len(flags)
+    return command[:cut] if cut > 0 and command[cut:] == flags else None
 
 
 def _without_flags(argv: list[str], names) -> list[str]:
@@ -548,8 +553,8 @@ def _resume_from(path: str) -> Resume:
     verify(path)
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
-    return Resume(path, Progress(**state["progress"]), state["run_id"], state["config"], state["data_fingerprint"],
-                  state["world_size"], state.get("forked_from"))
+    return Resume(path, Progress(**state["progress"]), state["run_id"], upgrade_saved(state["config"]),
+                  state["data_fingerprint"], state["world_size"], state.get("forked_from"))
 
 
 def _recorded_val_loss(path: str) -> float | None:

@@ -1,107 +1,203 @@
-"""The `lmdist` console script: commands around training (training itself is `train.py`).
+"""The `lmdist` console script: training and the commands around it.
 
+    lmdist train [--config FILE.yaml] [--FIELD VALUE ...]   the loop in train.py, from any folder
     lmdist eval --checkpoint DIR [--dataset D --split S --batch_size B --output FILE]
     lmdist generate --checkpoint DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --seed S]
     lmdist env       what a launch here would see: devices, launcher variables, threads, W&B mode
     lmdist fields    every config field with its type, default and meaning (--markdown for a table)
     lmdist peak      this machine's peak for `mfu`: the GPU's datasheet rate and measured matmul rates
 
-`eval` runs on one process or several: `torchrun --nproc_per_node 2 -m lmdist eval --checkpoint DIR`.
+Each command's flags are a dataclass parsed by lmdist.flags, as train.py's are: the same typing, `--help`
+and errors (exit status 2, naming the flag). `eval` runs on one process or several:
+`torchrun --nproc_per_node 2 -m lmdist eval --checkpoint DIR`.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import os
+import runpy
+import sys
+from dataclasses import dataclass
 
-import fire
-
-
-def env() -> dict:
-    """Report what lmdist would decide for a launch in this environment (run it inside your job script)."""
-    import accelerate
-    import torch
-
-    from lmdist import __version__, engine
-    from lmdist.config import TrainConfig
-    from lmdist.tracking import has_wandb_credentials, wandb_mode
-
-    launcher_vars = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "OMP_NUM_THREADS", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "SLURM_JOB_ID")
-    return {
-        "lmdist": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
-        "accelerator_available": engine.has_accelerator(),
-        "cuda_devices": torch.cuda.device_count(),
-        "threads_per_process": engine.threads_per_process(TrainConfig()),
-        "launcher_env": {k: os.environ[k] for k in launcher_vars if k in os.environ},
-        "wandb_credentials": has_wandb_credentials(),
-        "wandb_mode": wandb_mode(TrainConfig()),
-    }
+from lmdist.errors import ConfigError, run_cli
+from lmdist.flags import Flags, need, option
 
 
-def peak(seconds: float = 1.0, threads: int | None = None) -> None:
-    """The peaks `mfu` can be measured against here: the GPU's datasheet dense bf16 rate (when known) and the
-    best rate of a large fp32 and bf16 matmul over `seconds` each, on this process's device and threads."""
-    import torch
+@dataclass
+class Eval:
+    """val/loss, val/ppl and val/acc of a checkpoint or final/ folder.
 
-    from lmdist import engine, perf
-    from lmdist.config import TrainConfig
+    On its run's validation data, or on `split` of `dataset`. Rank zero writes them to `output`."""
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(threads or engine.threads_per_process(TrainConfig()))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    known = perf.datasheet_peak(name) if name else None
-    n = 8192 if device.type == "cuda" else 2048
-    report = {
-        "device": name or "cpu", "threads": torch.get_num_threads(),
-        "datasheet_bf16_tflops": known.flops / 1e12 if known else None,
-        "measured_tflops": {str(dtype).removeprefix("torch."): perf.measure_matmul_flops(device, dtype, n, seconds)
-                            / 1e12 for dtype in (torch.float32, torch.bfloat16)},
-        "measured_onednn_float32_tflops": (perf.measure_matmul_flops(device, torch.float32, n, seconds, onednn=True)
-                                           / 1e12 if perf.onednn_usable(device, torch.float32) else None),
-        "matmul": f"{n}^3",
-    }
-    if device.type == "cpu" and not perf.native_cpu_bf16():
-        report.update(cpu_bf16="emulated (no oneDNN bf16 kernels for this CPU)",
-                      bf16_matmul=f"{perf.EMULATED_BF16_MATMUL}^3")
-    print(json.dumps(report, indent=2))
+    checkpoint: str = option(help="a training checkpoint (output_dir/checkpoints/step_N) or a final/ folder")
+    dataset: str | None = option(None, "evaluate on this dataset (same forms as train.py's) instead of the run's "
+                                       "validation data")
+    split: str | None = option(None, "the split of `dataset` (default: validation, valid, test or train, the first "
+                                     "there is)")
+    batch_size: int | None = option(None, "sequences per process per batch (default: the run's batch_size)")
+    output: str = option("eval.json", "file rank zero writes the metrics to, as JSON")
 
+    def check(self) -> None:
+        need(self.batch_size is None or self.batch_size >= 1, self, "batch_size", "must be at least 1 (or none)")
 
-def fields(markdown: bool = False) -> None:
-    """Print every config field with its type, default and meaning."""
-    from lmdist.config import help_text, markdown_table
+    def run(self) -> None:
+        from lmdist.files import write_json
+        from lmdist.inference import evaluate_saved
 
-    print(markdown_table() if markdown else help_text())
-
-
-def eval(checkpoint: str, dataset: str | None = None, split: str | None = None, batch_size: int | None = None,
-         output: str = "eval.json") -> None:
-    """val/loss, val/ppl, val/acc of a checkpoint or final/ folder: on its run's validation data, or on
-    `split` of `dataset` (default split: validation, valid, test or train, the first there is)."""
-    from lmdist.errors import run_cli
-    from lmdist.files import write_json
-    from lmdist.inference import evaluate_saved
-
-    def run() -> None:
-        result = evaluate_saved(str(checkpoint), None if dataset is None else str(dataset), split, batch_size)
+        result = evaluate_saved(self.checkpoint, self.dataset, self.split, self.batch_size)
         if int(os.environ.get("RANK", "0")) == 0:
-            write_json(output, result)
+            write_json(self.output, result)
             print(json.dumps(result))
 
-    run_cli(run)
+
+@dataclass
+class Generate:
+    """Continue a prompt with text sampled from a checkpoint or final/ folder (same seed, same text)."""
+
+    checkpoint: str = option(help="a training checkpoint (output_dir/checkpoints/step_N) or a final/ folder")
+    prompt: str = option("", "the text to continue")
+    max_new_tokens: int = option(200, "tokens to sample")
+    temperature: float = option(1.0, "divides the logits before sampling (0 = greedy)")
+    top_k: int = option(0, "sample among the k likeliest tokens only (0 = all; 1 = greedy)")
+    seed: int = option(0, "random seed of the sampling")
+
+    def check(self) -> None:
+        need(self.max_new_tokens >= 0, self, "max_new_tokens", "must be non-negative")
+        need(self.temperature >= 0, self, "temperature", "must be non-negative (0 = greedy)")
+        need(self.top_k >= 0, self, "top_k", "must be non-negative (0 = all tokens)")
+
+    def run(self) -> None:
+        from lmdist.inference import generate
+
+        print(generate(self.checkpoint, self.prompt, self.max_new_tokens, self.temperature, self.top_k, self.seed))
 
 
-def generate(checkpoint: str, prompt: str = "", max_new_tokens: int = 200, temperature: float = 1.0,
-             top_k: int = 0, seed: int = 0) -> None:
-    """Continue `prompt` with text sampled from a checkpoint or final/ folder (same seed, same text)."""
-    from lmdist.errors import run_cli
-    from lmdist.inference import generate as sample
+@dataclass
+class Env:
+    """What lmdist would decide for a launch in this environment (run it inside your job script)."""
 
-    run_cli(lambda: print(sample(str(checkpoint), str(prompt), int(max_new_tokens), float(temperature), int(top_k),
-                                 int(seed))))
+    def run(self) -> None:
+        import accelerate
+        import torch
+
+        from lmdist import __version__, engine
+        from lmdist.config import TrainConfig
+        from lmdist.tracking import has_wandb_credentials, wandb_mode
+
+        launcher_vars = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "OMP_NUM_THREADS", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "SLURM_JOB_ID")
+        report = {
+            "lmdist": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "accelerator_available": engine.has_accelerator(),
+            "cuda_devices": torch.cuda.device_count(),
+            "threads_per_process": engine.threads_per_process(TrainConfig()),
+            "launcher_env": {k: os.environ[k] for k in launcher_vars if k in os.environ},
+            "wandb_credentials": has_wandb_credentials(),
+            "wandb_mode": wandb_mode(TrainConfig()),
+        }
+        width = max(map(len, report)) + 1
+        for key, value in report.items():  # one aligned `key: value` line each, values as JSON (strings bare)
+            print(f"{key + ':':<{width}} {value if isinstance(value, str) else json.dumps(value)}")
 
 
-def main() -> None:
-    from lmdist.errors import quiet_broken_pipe
+@dataclass
+class Fields:
+    """Every training config field with its type, default and meaning."""
 
-    quiet_broken_pipe(lambda: fire.Fire({"eval": eval, "generate": generate, "env": env, "fields": fields,
-                                         "peak": peak}, name="lmdist"))
+    markdown: bool = option(False, "print the README's table of fields instead")
+
+    def run(self) -> None:
+        from lmdist.config import help_text, markdown_table
+
+        print(markdown_table() if self.markdown else help_text())
+
+
+@dataclass
+class Peak:
+    """The peak FLOP/s that `mfu` can be measured against on this machine.
+
+    The GPU's datasheet dense bf16 rate (when known) and the best rate of a large fp32 and bf16 matmul over
+    `seconds` each, on this process's device and threads."""
+
+    seconds: float = option(1.0, "seconds of matmuls per measured rate")
+    threads: int | None = option(None, "torch threads (default: available cores / processes on this node)")
+
+    def check(self) -> None:
+        need(self.seconds > 0, self, "seconds", "must be positive")
+        need(self.threads is None or self.threads >= 1, self, "threads", "must be at least 1 (or none)")
+
+    def run(self) -> None:
+        import torch
+
+        from lmdist import engine, perf
+        from lmdist.config import TrainConfig
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(self.threads or engine.threads_per_process(TrainConfig()))
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        known = perf.datasheet_peak(name) if name else None
+        n, seconds = (8192 if device.type == "cuda" else 2048), self.seconds
+        report = {
+            "device": name or "cpu", "threads": torch.get_num_threads(),
+            "datasheet_bf16_tflops": known.flops / 1e12 if known else None,
+            "measured_tflops": {str(dtype).removeprefix("torch."): perf.measure_matmul_flops(device, dtype, n, seconds)
+                                / 1e12 for dtype in (torch.float32, torch.bfloat16)},
+            "measured_onednn_float32_tflops": (perf.measure_matmul_flops(device, torch.float32, n, seconds, onednn=True)
+                                               / 1e12 if perf.onednn_usable(device, torch.float32) else None),
+            "matmul": f"{n}^3",
+        }
+        if device.type == "cpu" and not perf.native_cpu_bf16():
+            report.update(cpu_bf16="emulated (no oneDNN bf16 kernels for this CPU)",
+                          bf16_matmul=f"{perf.EMULATED_BF16_MATMUL}^3")
+        print(json.dumps(report, indent=2))
+
+
+COMMANDS = {"eval": Eval, "generate": Generate, "env": Env, "fields": Fields, "peak": Peak}
+TRAIN_SUMMARY = "Train a language model: the loop in train.py, with its flags (see lmdist train --help)."
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        train(argv[1:])
+    else:
+        run_cli(lambda: run_command(argv))
+
+
+def train(flags: list[str]) -> None:
+    """Run train.py (installed as the module lmdist.train) as `python -m lmdist.train FLAGS` would: the same
+    argv, so that it parses, reports its errors and prints its relaunch command as under any launcher."""
+    sys.argv = [sys.argv[0], *flags]  # runpy puts the module's file in sys.argv[0]
+    runpy.run_module("lmdist.train", run_name="__main__", alter_sys=True)
+
+
+def run_command(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview_text(), flush=True)
+        return
+    name, flags = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, ["train", *COMMANDS], n=1)
+        raise ConfigError(f"unknown command {name!r}{f'; did you mean {close[0]}?' if close else ''} "
+                          "(see lmdist --help)")
+    command = COMMANDS[name]
+    table = Flags(command, getattr(command, "check", None))
+    if any(arg in ("-h", "--help") for arg in flags):
+        print(table.help_text([f"usage: lmdist {name} [--FIELD VALUE ...]", "", inspect.cleandoc(command.__doc__)]),
+              flush=True)
+        return
+    table.parse(flags).run()
+
+
+def overview_text() -> str:
+    width = max(map(len, ["train", *COMMANDS])) + 2
+    lines = ["usage: lmdist COMMAND [--FIELD VALUE ...]    (lmdist COMMAND --help lists its flags)", "",
+             "commands:", f"  {'train':<{width}}{TRAIN_SUMMARY}"]
+    lines += [f"  {name:<{width}}{_summary(command)}" for name, command in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _summary(command: type) -> str:
+    return command.__doc__.splitlines()[0]

@@ -1,32 +1,26 @@
 """The one typed training config: defaults, YAML file, command-line flags, validation, help.
 
 Precedence is defaults < `--config FILE.yaml` < `--FIELD VALUE` flags. Every value is coerced to its
-field's type and checked before any process group or data work starts, so a typo costs a second,
-not a queued job. fire (and YAML) hand us loosely typed values -- `--tie_weights false` is the truthy
-string 'false', `--n 3.5` a float for an int field -- so coercion here is strict and names the field.
+field's type (strictly, by lmdist.flags, the parser of every lmdist command) and checked before any
+process group or data work starts, so a typo costs a second, not a queued job. A renamed field
+(RENAMED) is refused as a flag, naming its new name; saved configs are read through `upgrade_saved`.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import types
-import typing
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
 
+from lmdist import flags
 from lmdist.errors import ConfigError
 from lmdist.files import atomic_open
+from lmdist.flags import option as _f  # short: one readable line per field
 
 TOKENIZER_NAMES = ("byte", "char", "word", "bpe")
-
-
-def _f(default: Any, help: str, group: str) -> Any:
-    return field(default=default, metadata={"help": help, "group": group})
 
 
 @dataclass
@@ -51,7 +45,7 @@ class TrainConfig:
     val_fraction: float = _f(0.05, "fraction of the training data held out for validation when there is no validation split: the last bytes of text files, else the last rows", "data")
     cache_dir: str | None = _f(None, "HuggingFace datasets cache folder (default: the datasets library's own)", "data")
     tokenizer: str = _f("byte", "`byte`, `char`, `word` (vocabulary from the training split), `bpe` (byte-level BPE trained on the training split), or a local HuggingFace tokenizer folder", "data")
-    vocab_size: int = _f(4096, "bpe: vocabulary size to train", "data")
+    bpe_vocab_size: int = _f(4096, "bpe: vocabulary size to train (the model's vocabulary is the tokenizer's, rounded up to vocab_multiple)", "data")
     min_freq: int = _f(1, "char/word: keep symbols seen at least this often in training; rarer ones become <unk>", "data")
     streaming: bool = _f(False, "read the training data as a stream (HF IterableDataset) split across ranks, for corpora too large for local disk; needs max_steps, val_dataset, and a byte or folder tokenizer", "data")
     # optimisation
@@ -104,8 +98,19 @@ class TrainConfig:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = typing.get_type_hints(TrainConfig)
+RENAMED = {"vocab_size": "bpe_vocab_size"}  # old field name -> new: saved configs still load, flags are told
+
+
+def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config written by an older lmdist (a checkpoint's, a run's config.yaml, a --config file) in today's
+    field names: call it wherever a saved config is read, so that an unchanged run compares equal on resume."""
+    upgraded = dict(saved)
+    for old, new in RENAMED.items():
+        if old in upgraded:
+            if new in upgraded:
+                raise ConfigError(f"{old!r} was renamed {new!r}, and both are given: keep {new!r}")
+            upgraded[new] = upgraded.pop(old)
+    return upgraded
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -120,7 +125,7 @@ def load_config(argv: list[str], prog: str = "train.py") -> TrainConfig:
 
 def parse_args(argv: list[str]) -> TrainConfig:
     """Build the config from `--config FILE` and `--FIELD VALUE` flags; raise ConfigError on any problem."""
-    flags = _split_flags(argv)
+    flags = TRAIN_FLAGS.split(argv)
     values: dict[str, Any] = {}
     config_file = flags.pop("config", None)
     if config_file is not None:
@@ -131,39 +136,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def make_config(values: dict[str, Any], source: str = "flag") -> TrainConfig:
     """Coerce and validate `values` (field name -> raw value) into a TrainConfig."""
-    for name in values:
-        if name not in FIELDS:
-            raise ConfigError(f"unknown {source} --{name}{_suggestion(name)} (see --help)")
-    cfg = TrainConfig(**{name: _coerce(name, raw) for name, raw in values.items()})
-    validate(cfg)
-    return cfg
-
-
-def _split_flags(argv: list[str]) -> dict[str, Any]:
-    """`--k v`, `--k=v`, `--flag` and `--noflag` (booleans) into {k: raw string or bool}."""
-    flags: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"unexpected argument {arg!r}: every setting is a flag, e.g. --model gpt (see --help)")
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if not eq:
-            if name.startswith("no") and _is_bool(name[2:]):
-                name, value = name[2:], False
-            elif _is_bool(name) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                value = True
-            elif i + 1 < len(argv):
-                i += 1
-                value = argv[i]
-            else:
-                raise ConfigError(f"flag --{name} needs a value")
-        if name != "config" and name not in FIELDS:
-            raise ConfigError(f"unknown flag --{name}{_suggestion(name)} (see --help)")
-        flags[name] = value  # a flag given again wins, as with argparse: overrides are appended to a command
-        i += 1
-    return flags
+    return TRAIN_FLAGS.make(values, source)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -198,92 +171,14 @@ def _read_yaml(path: str) -> dict[str, Any]:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of field: value, got {type(data).__name__}")
+    try:
+        data = upgrade_saved(data)  # an older run's config.yaml is a --config file too
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
     for name in data:
         if name not in FIELDS:
-            raise ConfigError(f"--config {path}: unknown field {name!r}{_suggestion(str(name))}")
+            raise ConfigError(f"--config {path}: unknown field {name!r}{TRAIN_FLAGS.suggestion(str(name))}")
     return data
-
-
-def _suggestion(name: str) -> str:
-    close = difflib.get_close_matches(name, list(FIELDS) + ["config"], n=1, cutoff=0.6)
-    return f"; did you mean --{close[0]}?" if close else ""
-
-
-def _is_bool(name: str) -> bool:
-    return name in FIELDS and _base_type(_TYPES[name]) is bool
-
-
-def _base_type(tp: Any) -> Any:
-    """`Optional[int]` -> int; other types unchanged."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-def _coerce(name: str, raw: Any) -> Any:
-    tp = _TYPES[name]
-    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", ""))):
-        return None
-    base = _base_type(tp)
-    try:
-        if typing.get_origin(base) is Literal:
-            return _coerce_choice(raw, typing.get_args(base))
-        return {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}[base](raw)
-    except ValueError as e:
-        raise ConfigError(f"--{name}: {e}") from None
-
-
-def _coerce_bool(raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in ("true", "yes", "on", "1"):
-        return True
-    if text in ("false", "no", "off", "0"):
-        return False
-    raise ValueError(f"expects true or false, got {raw!r}")
-
-
-def _coerce_int(raw: Any) -> int:
-    if isinstance(raw, bool):
-        raise ValueError(f"expects an integer, got {raw!r}")
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    try:
-        return int(str(raw).strip())
-    except ValueError:
-        raise ValueError(f"expects an integer, got {raw!r}") from None
-
-
-def _coerce_float(raw: Any) -> float:
-    if isinstance(raw, bool):
-        raise ValueError(f"expects a number, got {raw!r}")
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"expects a number, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"expects a finite number, got {raw!r}")
-    return value
-
-
-def _coerce_str(raw: Any) -> str:
-    if isinstance(raw, (dict, list)):
-        raise ValueError(f"expects a string, got {raw!r}")
-    return str(raw)
-
-
-def _coerce_choice(raw: Any, choices: tuple[str, ...]) -> str:
-    text = str(raw).strip().lower()
-    if text not in choices:
-        close = difflib.get_close_matches(text, choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"expects one of {', '.join(choices)}, got {raw!r}{hint}")
-    return text
 
 
 # ----------------------------------------------------------------------------- validation
@@ -291,8 +186,7 @@ def _coerce_choice(raw: Any, choices: tuple[str, ...]) -> str:
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible values, naming the field and what would be valid."""
     def need(ok: bool, name: str, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: {what}")
+        flags.need(ok, cfg, name, what)
 
     for name in ("embedding_dim", "hidden_dim", "num_layers", "n_layer", "n_head", "n_embd", "epochs",
                  "batch_size", "grad_accum", "eval_every", "log_every", "min_freq", "vocab_multiple"):
@@ -305,7 +199,7 @@ def validate(cfg: TrainConfig) -> None:
     # numpy's seed range, checked here so that every rank refuses it (numpy would fail on rank 1 alone)
     need(0 <= cfg.seed <= 2**32 - 1, "seed", "must be between 0 and 2**32 - 1 (4294967295)")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1")
-    need(cfg.vocab_size >= 260, "vocab_size", "must be at least 260 (byte-level BPE starts from 256 bytes)")
+    need(cfg.bpe_vocab_size >= 260, "bpe_vocab_size", "must be at least 260 (byte-level BPE starts from 256 bytes)")
     need(cfg.lr >= 0, "lr", "must be non-negative")
     need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.lr, "min_lr", f"must be between 0 and lr ({cfg.lr})")
     need(cfg.warmup_steps >= 0, "warmup_steps", "must be non-negative")
@@ -341,37 +235,25 @@ def _holds_checkpoints(output_dir: str) -> bool:
 # ----------------------------------------------------------------------------- help
 
 def help_text(prog: str = "train.py") -> str:
-    """Every field with its type, default and meaning, grouped as in the README's table."""
-    lines = [
+    """Every field with its type, default and meaning, grouped as in docs/config.md."""
+    return TRAIN_FLAGS.help_text([
         f"usage: accelerate launch {prog} [--config FILE.yaml] [--FIELD VALUE ...]",
         f"       python {prog} ... | torchrun --nproc_per_node N {prog} ...",
+        "       lmdist train ... | accelerate launch -m lmdist.train ... | torchrun ... -m lmdist.train ...",
         "",
         "Values come from the defaults, then --config (a YAML mapping of field: value, e.g. a run's",
         "config.yaml), then flags. Booleans take true/false (or --FIELD / --noFIELD).",
-    ]
-    group = None
-    for f in dataclasses.fields(TrainConfig):
-        if f.metadata["group"] != group:
-            group = f.metadata["group"]
-            lines += ["", f"{group}:"]
-        lines.append(f"  --{f.name} {type_name(f.name)} (default: {f.default})")
-        lines.append(f"      {f.metadata['help'].replace('`', '')}")
-    return "\n".join(lines)
+    ])
 
 
 def type_name(name: str) -> str:
-    tp = _TYPES[name]
-    base = _base_type(tp)
-    text = "|".join(typing.get_args(base)) if typing.get_origin(base) is Literal else base.__name__
-    return text + ("|none" if base is not tp else "")
+    return TRAIN_FLAGS.type_name(name)
 
 
 def markdown_table() -> str:
-    """The README's table of fields (kept in sync by a test)."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    """docs/config.md's table of fields (kept in sync by a test)."""
+    return TRAIN_FLAGS.markdown_table()
 
-    rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for f in dataclasses.fields(TrainConfig):
-        rows.append(f"| `{f.name}` | {cell(type_name(f.name))} | `{f.default}` | {cell(f.metadata['help'])} |")
-    return "\n".join(rows)
+
+TRAIN_FLAGS = flags.Flags(TrainConfig, validate, extra=("config",), renamed=RENAMED)
+FIELDS = TRAIN_FLAGS.fields

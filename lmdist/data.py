@@ -90,7 +90,7 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
             tokenizer = load_tokenizer(tokenizer_dir)  # the one the main process just trained and saved
         else:
             tokenizer = build_tokenizer(cfg.tokenizer, lambda: _texts(train_rows, cfg.text_column),
-                                        cfg.vocab_size, cfg.min_freq)
+                                        cfg.bpe_vocab_size, cfg.min_freq)
             if is_main:
                 tokenizer.save(tokenizer_dir)
         if tokenizer.eos_id is None:
@@ -221,12 +221,12 @@ class PackedSequences(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = pairs(*self.__getitems__([i]))
+        inputs, targets = inputs_and_targets(*self.__getitems__([i]))
         return inputs[0], targets[0]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, bool]:
         """Sequences `indices` as rows of block_size + 1 tokens (-1 past the end of the stream), and whether
-        all of them are whole; `pairs` cuts them into inputs and targets. One gather for the lot: the
+        all of them are whole; `inputs_and_targets` cuts them apart. One gather for the lot: the
         DataLoader calls this with a batch's indices, and a tensor per sequence costs far more."""
         T, index, last = self.block_size, np.asarray(indices, dtype=np.int64), max(indices)
         if last < self.n_whole:
@@ -236,7 +236,7 @@ class PackedSequences(Dataset):
                                                     T + 1)), False
 
 
-def pairs(rows: torch.Tensor, whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs_and_targets(rows: torch.Tensor, whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of rows of block_size + 1 tokens: views of the rows when every sequence is whole,
     else with a missing target set to IGNORE_INDEX (and its input to 0)."""
     inputs, targets = rows[:, :-1], rows[:, 1:]
@@ -306,7 +306,7 @@ class BatchLoader:
         self.batch_size = batch_sampler.batch_size // accelerator.num_processes
         batch_bytes = self.batch_size * (sequences.block_size + 1) * 8
         ahead = max(1, min(READ_AHEAD_BATCHES, READ_AHEAD_BYTES // batch_bytes))
-        reads = _Reads(batch_sampler, accelerator.process_index, self.batch_size, ahead)
+        reads = _ReadAheadIndices(batch_sampler, accelerator.process_index, self.batch_size, ahead)
         # pinned host memory lets the copy to a GPU overlap compute
         self.loader = DataLoader(sequences, batch_sampler=reads, collate_fn=_already_read, num_workers=num_workers,
                                  persistent_workers=num_workers > 0, pin_memory=self.device.type == "cuda",
@@ -318,7 +318,7 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for rows, whole in self.loader:
-            inputs, targets = pairs(rows.to(self.device, non_blocking=True), whole)
+            inputs, targets = inputs_and_targets(rows.to(self.device, non_blocking=True), whole)
             for start in range(0, len(inputs), self.batch_size):
                 yield inputs[start: start + self.batch_size], targets[start: start + self.batch_size]
 
@@ -329,7 +329,7 @@ class BatchLoader:
 READ_AHEAD_BATCHES, READ_AHEAD_BYTES = 16, 8 << 20  # a read: at most 16 batches and 8 MiB
 
 
-class _Reads(Sampler[list[int]]):
+class _ReadAheadIndices(Sampler[list[int]]):
     """The sequence indices of each read: this rank's rows of `ahead` consecutive global batches."""
 
     def __init__(self, batch_sampler: BatchSampler, rank: int, batch_size: int, ahead: int):

@@ -179,7 +179,7 @@ def keep_autocast_outputs(model: torch.nn.Module) -> None:
 
 def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm (math.inf: only measure it); returns the norm before clipping."""
-    return sharding.plain(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    return sharding.full_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
 
 
 def has_accelerator() -> bool:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from lmdist import checkpoint, data, engine, sources
-from lmdist.config import TrainConfig, make_config
+from lmdist.config import TrainConfig, make_config, upgrade_saved
 from lmdist.errors import DataError
 from lmdist.metrics import evaluate
 from lmdist.models import build_model
@@ -51,7 +51,7 @@ def open_saved(folder: str) -> Saved:
     else:
         raise DataError(f"{folder} is neither a training checkpoint ({checkpoint.STATE}) nor a final/ export "
                         "(config.json)")
-    values = {**values, "resume": "auto", "init_from": None}  # inference neither resumes nor initialises
+    values = {**upgrade_saved(values), "resume": "auto", "init_from": None}  # inference neither resumes nor initialises
     return Saved(os.path.join(folder, "model.safetensors"), load_tokenizer(tokenizer_dir), make_config(values))
 
 

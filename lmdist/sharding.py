@@ -97,7 +97,7 @@ def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_st
     set_optimizer_state_dict(model, _unwrapped(optimizer), optimizer_state, options=options)
 
 
-def plain(tensor: torch.Tensor) -> torch.Tensor:
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor (e.g. a sharded model's gradient norm) as an ordinary tensor."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 

@@ -1,6 +1,7 @@
 """The config: defaults < YAML < flags, strict coercion, validation with named fields, and the CLI's exits."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from lmdist import checkpoint
 from lmdist.config import FIELDS, TrainConfig, load_config, markdown_table, parse_args
 from lmdist.errors import ConfigError
 from tests.conftest import REPO, TRAIN
@@ -33,7 +35,7 @@ def test_booleans_are_parsed_not_truthy(text, value):
 
 
 def test_strings_stay_verbatim():
-    """fire would turn these into numbers; a string field keeps what was typed."""
+    """A loosely typed parser (fire's) would turn these into numbers; a string field keeps what was typed."""
     cfg = parse_args(["--run_name", "007", "--output_dir", "1e3", "--wandb_project", "0x10"])
     assert (cfg.run_name, cfg.output_dir, cfg.wandb_project) == ("007", "1e3", "0x10")
 
@@ -68,7 +70,7 @@ def test_wrong_types_are_named(argv, message):
     (["--val_fraction", "0"], "--val_fraction 0.0: must be between 0 and 1"),
     (["--max_steps", "0"], "--max_steps 0: must be at least 1"),
     (["--tokenizer", "sentencepiece"], "--tokenizer 'sentencepiece': must be one of byte, char, word, bpe"),
-    (["--vocab_size", "100"], "--vocab_size 100: must be at least 260"),
+    (["--bpe_vocab_size", "100"], "--bpe_vocab_size 100: must be at least 260"),
 ])
 def test_impossible_values_are_named(argv, message):
     assert message in error_of(argv)
@@ -90,6 +92,46 @@ def test_yaml_errors_name_the_file_and_field(tmp_path):
     path.write_text("n_layer: 2.5\n")
     assert "--n_layer: expects an integer" in error_of(["--config", str(path)])
     assert "no such file" in error_of(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_the_renamed_vocab_size_flag_names_its_new_name():
+    assert error_of(["--vocab_size", "300"]) == "--vocab_size was renamed --bpe_vocab_size: use --bpe_vocab_size 300"
+    assert parse_args(["--bpe_vocab_size", "300"]).bpe_vocab_size == 300
+
+
+def old_saved(cfg: TrainConfig) -> dict:
+    """`cfg` as lmdist saved it before bpe_vocab_size was named so: with `vocab_size`."""
+    return {("vocab_size" if k == "bpe_vocab_size" else k): v for k, v in cfg.to_dict().items()}
+
+
+def test_a_finished_runs_old_config_yaml_still_matches(tmp_path):
+    cfg = parse_args(["--bpe_vocab_size", "300", "--output_dir", str(tmp_path)])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old_saved(cfg)))
+    (tmp_path / "run.json").write_text('{"status": "completed"}')
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_bytes(b"")
+    assert checkpoint.finished(cfg)  # the same run: not refused
+    with pytest.raises(ConfigError, match=r"bpe_vocab_size \(finished run 300, now 400\)"):
+        checkpoint.finished(parse_args(["--bpe_vocab_size", "400", "--output_dir", str(tmp_path)]))
+    assert parse_args(["--config", str(tmp_path / "config.yaml")]) == cfg  # and it still serves as a --config
+    (tmp_path / "both.yaml").write_text("vocab_size: 300\nbpe_vocab_size: 300\n")
+    assert "'vocab_size' was renamed 'bpe_vocab_size', and both are given" in error_of(["--config",
+                                                                                         str(tmp_path / "both.yaml")])
+
+
+def test_an_old_checkpoints_config_still_matches_on_resume(tmp_path):
+    cfg = parse_args(["--bpe_vocab_size", "300", "--output_dir", str(tmp_path)])
+    path = tmp_path / "checkpoints" / "step_00000005"
+    path.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):  # stand-ins: only their hashes are checked
+        (path / name).write_bytes(name.encode())
+    (path / checkpoint.STATE).write_text(json.dumps({"progress": {"step": 5}, "run_id": "r", "config": old_saved(cfg),
+                                                     "data_fingerprint": "f", "world_size": 1}))
+    checkpoint.write_manifest(str(path), [*os.listdir(path)], 5)
+    resume = checkpoint.find_resume(cfg, warn=print)
+    checkpoint.check_compatible(resume, cfg)  # the same run: not refused
+    with pytest.raises(ConfigError, match=r"bpe_vocab_size \(checkpoint 300, now 400\)"):
+        checkpoint.check_compatible(resume, parse_args(["--bpe_vocab_size", "400", "--output_dir", str(tmp_path)]))
 
 
 def test_saved_config_round_trips(tmp_path):

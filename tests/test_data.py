@@ -16,7 +16,7 @@ from lmdist.data import (
     PackedSequences,
     TokenStream,
     eval_loader,
-    pairs,
+    inputs_and_targets,
     tokenize,
     train_loader,
 )
@@ -98,7 +98,7 @@ def test_batched_windows_equal_slices_across_chunks_and_the_end():
         piece = stream.slice(int(start), 4).tolist() if start < 50 else []
         assert row.tolist() == piece + [-1] * (4 - len(piece))
     sequences = PackedSequences(stream, block_size=4, keep_partial=True)  # 13 sequences, the last one partial
-    inputs, targets = pairs(*sequences.__getitems__(list(range(14))))  # and one past the end
+    inputs, targets = inputs_and_targets(*sequences.__getitems__(list(range(14))))  # and one past the end
     for i in range(14):
         assert inputs[i].tolist() == sequences[i][0].tolist() and targets[i].tolist() == sequences[i][1].tolist()
     assert inputs[12].tolist() == [48, 0, 0, 0]
@@ -152,7 +152,7 @@ def test_ranks_share_each_global_batch_in_order(ahead, monkeypatch):
                    for b, r, w in ((4, 0, 1), (2, 0, 2), (2, 1, 2)))
     for loader in (one, *ranks):
         loader.set_epoch(2, skip_batches=1)
-    expected = [pairs(*seqs.__getitems__(batch)) for batch in one.batch_sampler]
+    expected = [inputs_and_targets(*seqs.__getitems__(batch)) for batch in one.batch_sampler]
     assert len(expected) == 9  # 10 global batches in the epoch, the first skipped
     for (inputs, targets), *shares in zip(one, *ranks, strict=True):
         want_inputs, want_targets = expected.pop(0)

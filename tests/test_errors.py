@@ -270,7 +270,7 @@ def test_a_stop_signal_during_start_up_says_nothing_was_trained(where, markov_fi
 def test_saved_files_follow_the_umask_and_the_printed_sync_command_survives_a_space(umask, markov_files, tmp_path):
     output_dir = tmp_path / "dir with space"
     command = [sys.executable, str(TRAIN), *tiny_run(markov_files["short"], output_dir, "--max_steps", "2",
-                                                     "--tokenizer", "bpe", "--vocab_size", "300",
+                                                     "--tokenizer", "bpe", "--bpe_vocab_size", "300",
                                                      "--wandb_mode", "offline")]
     result = subprocess.run(command, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300,
                             preexec_fn=lambda: os.umask(umask))
