@@ -27,6 +27,10 @@ class Plan:
     epochs: int  # epochs begun, the last one possibly cut short by max_steps
     tokens_per_step: int  # global: every rank's targets in one optimizer step
     sequences_dropped: int  # per epoch: the remainder that cannot fill a whole optimizer step
+    log_every: int  # the intervals, in optimizer steps, of the decisions below
+    eval_every: int
+    save_every: int
+    keep_best: bool  # every checkpoint is evaluated, so that the best can be kept
 
     @classmethod
     def make(cls, cfg: TrainConfig, n_sequences: int, world_size: int) -> Plan:
@@ -40,13 +44,36 @@ class Plan:
             )
         total = cfg.max_steps or steps_per_epoch * cfg.epochs
         return cls(world_size, n_sequences, steps_per_epoch, total, -(-total // steps_per_epoch),
-                   per_step * cfg.block_size, n_sequences - steps_per_epoch * per_step)
+                   per_step * cfg.block_size, n_sequences - steps_per_epoch * per_step, *cls._intervals(cfg))
 
     @classmethod
     def for_stream(cls, cfg: TrainConfig, world_size: int) -> Plan:
         """A stream has no epochs: the run is max_steps long, and `epoch` reports the fraction done."""
         per_step = world_size * cfg.batch_size * cfg.grad_accum
-        return cls(world_size, 0, cfg.max_steps, cfg.max_steps, 1, per_step * cfg.block_size, 0)
+        return cls(world_size, 0, cfg.max_steps, cfg.max_steps, 1, per_step * cfg.block_size, 0, *cls._intervals(cfg))
+
+    @staticmethod
+    def _intervals(cfg: TrainConfig) -> tuple[int, int, int, bool]:
+        return cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_best
+
+    # The loop's decisions after optimizer step `step` (1-based: steps done).
+
+    def is_last(self, step: int) -> bool:
+        return step == self.total_steps
+
+    def should_log(self, step: int) -> bool:
+        """Every log_every steps and at the last: the training metrics then average the steps since the last row."""
+        return step % self.log_every == 0 or self.is_last(step)
+
+    def should_save(self, step: int) -> bool:
+        """Every save_every steps and at the last (a stop request saves too: the loop asks for that itself)."""
+        return step % self.save_every == 0 or self.is_last(step)
+
+    def should_evaluate(self, step: int, saving: bool) -> bool:
+        """Every eval_every steps, at each epoch's end and at the last step; with keep_best also at every checkpoint,
+        whose val/loss it compares."""
+        return (step % self.eval_every == 0 or step % self.steps_per_epoch == 0 or self.is_last(step)
+                or (saving and self.keep_best))
 
     def epoch_of(self, step: int) -> float:
         """Fractional epochs completed after `step` optimizer steps."""
