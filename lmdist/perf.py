@@ -74,8 +74,7 @@ EMULATED_BF16_MATMUL = 512
 @functools.cache
 def native_cpu_bf16() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (AVX-512 and newer). Without them torch runs bf16 matmuls
-    in reference loops -- under 1 GFLOP/s on an AVX2 EPYC core against 100 in fp32 -- and oneDNN's LSTM
-    refuses bf16 altogether."""
+    in reference loops, far slower than fp32 (bench/README.md), and oneDNN's LSTM refuses bf16 altogether."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -54,12 +54,23 @@ def warn(message: str) -> None:
 
 # ----------------------------------------------------------------------------- finding rows
 
+SAVED, HUB = "save_to_disk", "hub"  # what `locate` returns for a spec that is not local files
+
+
+def locate(spec: str) -> LocalFiles | str:
+    """Where a dataset spec's rows are -- SAVED (a `save_to_disk` folder), the LocalFiles it names, or HUB (a hub
+    dataset name) -- the one place that tells them apart; a local path that is not data is a DataError."""
+    if is_saved_dataset(spec):
+        return SAVED
+    return local_files(spec) if looks_local(spec) else HUB
+
+
 def check_source(spec: str) -> None:
     """Fail fast on a local path that is missing, empty or holds no data file (hub names are checked when loaded)."""
-    if spec == "builtin" or not looks_local(spec) or is_saved_dataset(spec):
+    if spec == "builtin":
         return
-    found = local_files(spec)
-    if len(found.files) == 1 and os.path.getsize(found.files[0]) == 0:
+    found = locate(spec)
+    if isinstance(found, LocalFiles) and len(found.files) == 1 and os.path.getsize(found.files[0]) == 0:
         raise DataError(f"dataset file {found.files[0]} is empty")
 
 
@@ -110,10 +121,8 @@ def load_rows(cfg: TrainConfig, say: Callable[[str], None] = warn):
 
 def text_source(spec: str) -> LocalFiles | None:
     """The text files `spec` names, or None when it names a saved dataset, table files or a hub dataset."""
-    if is_saved_dataset(spec) or not looks_local(spec):
-        return None
-    found = local_files(spec)
-    return found if found.kind == TEXT else None
+    found = locate(spec)
+    return found if isinstance(found, LocalFiles) and found.kind == TEXT else None
 
 
 def is_saved_dataset(spec: str) -> bool:
@@ -124,11 +133,11 @@ def load_dataset_dict(spec: str, cfg: TrainConfig, say: Callable[[str], None] = 
     """A DatasetDict from a local file/folder/glob, a save_to_disk folder or a hub name."""
     import datasets
 
-    if is_saved_dataset(spec):
+    found = locate(spec)
+    if found == SAVED:
         loaded = datasets.load_from_disk(spec)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-    if looks_local(spec):
-        found = local_files(spec)
+    if isinstance(found, LocalFiles):
         say_left_out(found, say)
         if found.kind == TEXT:
             rows = text_dataset([(f, 0, os.path.getsize(f)) for f in found.files], cfg)

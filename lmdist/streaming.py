@@ -26,11 +26,11 @@ from lmdist.sources import (
     BAD_BYTES,
     CONTINUES,
     FILE,
+    SAVED,
     TEXT,
+    LocalFiles,
     as_text,
-    is_saved_dataset,
-    local_files,
-    looks_local,
+    locate,
     table_builder_options,
     text_features,
     text_rows,
@@ -58,12 +58,12 @@ def open_stream(cfg: TrainConfig, rank: int, world_size: int):
     from datasets.distributed import split_dataset_by_node
 
     spec = cfg.dataset
-    if is_saved_dataset(spec):
+    found = locate(spec)
+    if found == SAVED:
         saved = datasets.load_from_disk(spec)
         saved = saved["train"] if isinstance(saved, datasets.DatasetDict) else saved
         stream = saved.to_iterable_dataset(num_shards=max(world_size, min(64, saved.num_rows)))
-    elif looks_local(spec):
-        found = local_files(spec)
+    elif isinstance(found, LocalFiles):
         if found.kind == TEXT:  # a list in gen_kwargs makes each file a shard
             stream = datasets.IterableDataset.from_generator(
                 text_rows, features=text_features(cfg.text_column),
