@@ -73,13 +73,24 @@ def start(args, cwd, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def children(pid: int) -> list[int]:
+    return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+
+
+def forks(pid: int) -> list[int]:
+    """The children of `pid` that run its own command line."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [child for child in children(pid) if Path(f"/proc/{child}/cmdline").read_bytes() == command]
+
+
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of the launcher's workers."""
     ranks = {}
-    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split():
+    for pid in children(launcher.pid):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         rank = next(int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK="))
-        ranks[rank] = int(pid)
+        ranks[rank] = pid
     return ranks
 
 
@@ -143,6 +154,10 @@ def test_sigterm_to_the_whole_job_with_loader_workers_is_exact(reference, resume
     args = args_for(resume_data, out, "--num_workers", "1")
     process = start(args, tmp_path)
     wait_for_step(out, 12, process)
+    # Loader workers are running: each rank has forked children (a fork runs its parent's command line), which
+    # the signal reaches too. A rank forks nothing else.
+    ranks = worker_pids(process)
+    assert sorted(ranks) == [0, 1] and all(forks(pid) for pid in ranks.values())
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert stderr.count("lmdist: stopped: ") == 2 and "killed by signal" not in stderr, stderr[-3000:]
