@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import faults
 from tests.markov import MarkovSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,26 +132,35 @@ def equivalence_args(markov_files) -> list[str]:
             "--epochs", "2", "--eval_every", "5", "--warmup_steps", "3"]
 
 
+EQUIVALENCE_PEAK_TFLOPS = 0.05  # config_b4's --peak_tflops: its mfu is checked against a peak known beforehand
+
+
 @pytest.fixture(scope="session")
 def equivalence_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
-    """The same training (global batch 8, 14 shuffled steps over two epochs) under six launches:
+    """The same training (global batch 8, 16 shuffled steps over two epochs) under six launches:
     1 process x batch 8 (the reference), 2 torchrun ranks x 4 (with W&B offline), 1 process x 4 x
     grad_accum 2, 2 `accelerate launch --multi_gpu` ranks x 2 x grad_accum 2, 2 ranks from
-    accelerate_configs/cpu.yaml x 4, and 1 process x 8 loading batches in a DataLoader worker."""
+    accelerate_configs/cpu.yaml x 4 (a given peak for mfu), and 1 process x 8 loading batches in a DataLoader
+    worker, every read recorded in its `reads.jsonl` (faults.record_reads)."""
     root = tmp_path_factory.mktemp("equivalence")
     runs = {  # one_b8 gets OMP_NUM_THREADS=1 as launchers set it: lmdist must still use every core
         "one_b8": (1, "python", ["--batch_size", "8"]),
         "torchrun_b4": (2, "torchrun", ["--batch_size", "4", "--wandb_mode", "offline"]),
         "accum_b4x2": (1, "python", ["--batch_size", "4", "--grad_accum", "2"]),
         "accelerate_b2x2": (2, "accelerate", ["--batch_size", "2", "--grad_accum", "2"]),
-        "config_b4": (2, "accelerate-config", ["--batch_size", "4"]),
+        "config_b4": (2, "accelerate-config", ["--batch_size", "4", "--peak_tflops", str(EQUIVALENCE_PEAK_TFLOPS)]),
         "workers_b8": (1, "python", ["--batch_size", "8", "--num_workers", "1"]),
     }
     out = {}
     for name, (nproc, launcher, extra) in runs.items():
         out[name] = root / name
         env = {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1" if name == "one_b8" else None}
+        script = TRAIN
+        if name == "workers_b8":
+            script = faults.SCRIPT
+            env.update(faults.inject(faults.record_reads, path=str(root / "workers_b8.reads.jsonl")))
         result = run_ok([*equivalence_args(markov_files), *extra, "--output_dir", str(out[name])], cwd=root,
-                        nproc=nproc, launcher=launcher, env=env)
+                        nproc=nproc, launcher=launcher, env=env, script=script)
         (out[name] / "stdout.log").write_text(result.stdout)
+    (root / "workers_b8.reads.jsonl").rename(out["workers_b8"] / "reads.jsonl")
     return out

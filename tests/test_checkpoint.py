@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmdist import checkpoint
-from tests import wandb_file
+from tests import faults, wandb_file
 from tests.conftest import (
-    REPO,
     TINY_GPT,
     equivalence_args,
     final_weights,
@@ -73,13 +72,24 @@ def start(args, cwd, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def children(pid: int) -> list[int]:
+    return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+
+
+def forks(pid: int) -> list[int]:
+    """The children of `pid` that run its own command line."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [child for child in children(pid) if Path(f"/proc/{child}/cmdline").read_bytes() == command]
+
+
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of the launcher's workers."""
     ranks = {}
-    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split():
+    for pid in children(launcher.pid):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         rank = next(int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK="))
-        ranks[rank] = int(pid)
+        ranks[rank] = pid
     return ranks
 
 
@@ -143,6 +153,10 @@ def test_sigterm_to_the_whole_job_with_loader_workers_is_exact(reference, resume
     args = args_for(resume_data, out, "--num_workers", "1")
     process = start(args, tmp_path)
     wait_for_step(out, 12, process)
+    # Loader workers are running: each rank has forked children (a fork runs its parent's command line), which
+    # the signal reaches too. A rank forks nothing else.
+    ranks = worker_pids(process)
+    assert sorted(ranks) == [0, 1] and all(forks(pid) for pid in ranks.values())
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert stderr.count("lmdist: stopped: ") == 2 and "killed by signal" not in stderr, stderr[-3000:]
@@ -199,46 +213,20 @@ def test_torn_and_truncated_checkpoints_fall_back(reference, resume_data, tmp_pa
 
 def test_torchrun_restarts_a_crashed_rank_from_the_newest_checkpoint(reference, resume_data, tmp_path):
     marker = tmp_path / "crashed-once"
-    wrapper = tmp_path / "crash_once.py"
-    wrapper.write_text(
-        "import os, runpy, sys\nimport lmdist.metrics\n"
-        "add, calls = lmdist.metrics.TokenMeter.add, [0]\n"
-        "def crashing_add(self, *a, **k):\n"
-        "    calls[0] += 1\n"
-        f"    if os.environ['RANK'] == '1' and calls[0] == 13 and not os.path.exists({str(marker)!r}):\n"
-        f"        open({str(marker)!r}, 'w').close()\n"
-        "        os._exit(1)  # a crash: no checkpoint, no goodbye\n"
-        "    return add(self, *a, **k)\n"
-        "lmdist.metrics.TokenMeter.add = crashing_add\n"
-        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", "1", str(wrapper), *args_for(resume_data, out), "--wandb_mode", "disabled"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+           "--max-restarts", "1", str(faults.SCRIPT), *args_for(resume_data, out), "--wandb_mode", "disabled"]
+    env = launch_env(faults.inject(faults.crash_rank_once, rank=1, micro_step=13, marker=str(marker)))
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.exists()
     assert assert_same_as_reference(out, reference) == 10
 
 
 def test_nan_on_one_rank_stops_every_rank_and_saves_nothing_non_finite(resume_data, tmp_path):
-    wrapper = tmp_path / "nan_on_rank1.py"
-    wrapper.write_text(
-        "import os, runpy, sys\nimport torch\nimport lmdist.models\n"
-        "build, calls = lmdist.models.build_model, [0]\n"
-        "def poisoned(cfg, vocab):\n"
-        "    model = build(cfg, vocab)\n"
-        "    forward = model.forward\n"
-        "    def nan_forward(idx):\n"
-        "        out = forward(idx)\n"
-        "        if model.training:\n"
-        "            calls[0] += 1\n"
-        "        return out * float('nan') if os.environ['RANK'] == '1' and calls[0] == 7 else out\n"
-        "    model.forward = nan_forward\n"
-        "    return model\n"
-        "lmdist.models.build_model = poisoned\n"
-        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
     out = tmp_path / "run"
-    result = launch(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", script=wrapper, timeout=120)
+    result = launch(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", script=faults.SCRIPT,
+                    env=faults.inject(faults.nan_output_on_rank, rank=1, forward=7), timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("non-finite loss at optimizer step 7") == 2, result.stderr[-3000:]
     assert read_run(out)["status"] == "non-finite" and read_run(out)["exit_code"] == 3
@@ -282,23 +270,44 @@ def test_pickle_payloads_are_never_unpickled(reference, resume_data, tmp_path, m
     assert not marker.exists(), "the payload ran"
 
 
-def test_relaunch_rules(reference, resume_data, tmp_path):
+def test_relaunching_a_finished_run_does_nothing(reference, resume_data, tmp_path):
     finished = launch(args_for(resume_data, reference), cwd=tmp_path, nproc=1)
     assert finished.returncode == 0 and "has already finished; nothing to do" in finished.stdout
+
+
+def test_a_finished_run_refuses_a_changed_setting(reference, resume_data, tmp_path):
     changed = launch(args_for(resume_data, reference, "--lr", "1e-3"), cwd=tmp_path, nproc=1)
     assert changed.returncode == 2 and "lr (finished run 0.003, now 0.001)" in changed.stderr
+
+
+def test_resume_never_refuses_a_folder_that_holds_a_run(reference, resume_data, tmp_path):
     never = launch(args_for(resume_data, reference, "--resume", "never"), cwd=tmp_path, nproc=1)
     assert never.returncode == 2 and "--resume never" in never.stderr and "already holds a run" in never.stderr
-    # A different setting on a run with a checkpoint to resume from is refused, naming the field.
+
+
+@pytest.fixture
+def unfinished(reference, tmp_path) -> Path:
+    """The reference's checkpoints and tokenizer without its end: a run to resume from its step-40 checkpoint."""
     partial = tmp_path / "partial"
     shutil.copytree(reference / "checkpoints", partial / "checkpoints")
     shutil.copytree(reference / "tokenizer", partial / "tokenizer")
-    refused = launch(args_for(resume_data, partial, "--lr", "1e-3"), cwd=tmp_path, nproc=1)
+    return partial
+
+
+def test_a_checkpoint_refuses_a_changed_setting_naming_the_field(unfinished, resume_data, tmp_path):
+    refused = launch(args_for(resume_data, unfinished, "--lr", "1e-3"), cwd=tmp_path, nproc=1)
     assert refused.returncode == 2 and "differs from the checkpoint" in refused.stderr
     assert "lr (checkpoint 0.003, now 0.001)" in refused.stderr
-    other_world = launch(args_for(resume_data, partial, "--batch_size", "3"), cwd=tmp_path, nproc=1)
+
+
+def test_a_checkpoint_refuses_a_batch_no_grad_accum_keeps(unfinished, resume_data, tmp_path):
+    other_world = launch(args_for(resume_data, unfinished, "--batch_size", "3"), cwd=tmp_path, nproc=1)
     assert other_world.returncode == 2 and "cannot keep it with a whole grad_accum" in other_world.stderr
-    allowed = launch(args_for(resume_data, partial, "--log_every", "7"), cwd=tmp_path, nproc=2, launcher="torchrun")
+
+
+def test_a_checkpoint_resumes_with_a_changed_logging_setting(unfinished, resume_data, tmp_path):
+    allowed = launch(args_for(resume_data, unfinished, "--log_every", "7"), cwd=tmp_path, nproc=2,
+                     launcher="torchrun")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
 
 
@@ -410,19 +419,9 @@ def test_padded_vocabulary_trains_exports_and_never_samples_padding(markov_files
 def test_a_signal_in_the_middle_of_a_save_does_not_corrupt_it(reference, resume_data, tmp_path):
     """Rank zero gets SIGINT while hashing files for a manifest: that save completes and verifies, the run
     stops at the next step with another checkpoint, and the relaunch is exact."""
-    wrapper = tmp_path / "signal_mid_save.py"
-    wrapper.write_text(
-        "import os, runpy, signal, sys\nimport lmdist.checkpoint\n"
-        "sha256, sent = lmdist.checkpoint._sha256, []\n"
-        "def interrupted_sha256(path):\n"
-        "    if not sent and '00000010' in path:\n"
-        "        sent.append(1)\n"
-        "        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, half-way through writing the manifest\n"
-        "    return sha256(path)\n"
-        "lmdist.checkpoint._sha256 = interrupted_sha256\n"
-        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
     out = tmp_path / "run"
-    result = launch(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", script=wrapper)
+    result = launch(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", script=faults.SCRIPT,
+                    env=faults.inject(faults.sigint_while_hashing, step=10))
     assert result.returncode != 0 and result.stderr.count("SIGINT at step 11: saved") == 2, result.stderr[-3000:]
     checkpoint.verify(checkpoint.step_dir(str(out), 10))
     checkpoint.verify(checkpoint.step_dir(str(out), 11))

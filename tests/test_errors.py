@@ -20,6 +20,7 @@ from lmdist.config import TrainConfig, parse_args
 from lmdist.errors import EXIT_STOPPED, EXIT_STORAGE, ConfigError, StorageError, as_user_error, os_error_of
 from lmdist.models.memory import attention_bytes, check_attention_memory
 from lmdist.tracking import JsonlTracker
+from tests import faults
 from tests.conftest import TINY_GPT, TRAIN, launch, launch_env, read_metrics, read_run, run_ok, with_flags
 
 
@@ -237,13 +238,9 @@ def test_every_rank_refuses_an_attention_that_cannot_fit(markov_files, tmp_path)
     assert "Traceback" not in result.stdout and "worker" not in result.stdout
 
 
-SLOW_START = {  # where start-up is when the signal comes, held there by the launch's wrapper
-    "imports": "class Slow:\n    def find_spec(self, name, path=None, target=None):\n"
-               "        if name == 'lmdist.checkpoint':\n            print('starting', flush=True)\n"
-               "            time.sleep(60)\nsys.meta_path.insert(0, Slow())\n",
-    "data": "import lmdist.data\nload = lmdist.data.load_corpus\n"
-            "def slow(*a, **kw):\n    print('starting', flush=True)\n    time.sleep(60)\n    return load(*a, **kw)\n"
-            "lmdist.data.load_corpus = slow\n",
+SLOW_START = {  # where start-up is when the signal comes, held there by a fault
+    "imports": faults.inject(faults.slow_import, module="lmdist.checkpoint"),
+    "data": faults.inject(faults.slow_data_load),
 }
 
 
@@ -251,10 +248,9 @@ SLOW_START = {  # where start-up is when the signal comes, held there by the lau
 def test_a_stop_signal_during_start_up_says_nothing_was_trained(where, markov_files, tmp_path):
     output_dir = tmp_path / "out"
     args = tiny_run(markov_files["short"], output_dir, "--wandb_mode", "disabled")
-    code = (f"import runpy, sys, time\n{SLOW_START[where]}sys.argv = [{str(TRAIN)!r}] + {args!r}\n"
-            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=launch_env(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, str(faults.SCRIPT), *args], cwd=tmp_path,
+                               env=launch_env(SLOW_START[where]), text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
     assert process.stdout.readline() == "starting\n"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)

@@ -21,8 +21,8 @@ from lmdist import checkpoint
 from lmdist.config import TrainConfig
 from lmdist.errors import ConfigError
 from lmdist.schedule import Plan
+from tests import faults
 from tests.conftest import (
-    REPO,
     TINY_GPT,
     equivalence_args,
     final_weights,
@@ -105,23 +105,6 @@ def test_plan_length():
 
 # ----------------------------------------------------------------------------- item 9: never past the end
 
-def stop_at_last_step_script(folder: Path) -> Path:
-    """train.py, with a SIGTERM to itself during the last step, just before the step's stop check (the step is
-    then completed and saved, and the run stops with exit 75)."""
-    wrapper = folder / "sigterm_at_last_step.py"
-    wrapper.write_text(
-        "import os, runpy, signal, sys\nimport lmdist.stopping\n"
-        "check, calls = lmdist.stopping.StopGuard.check, [0]\n"
-        "def signal_then_check(self, *a, **k):\n"
-        "    calls[0] += 1\n"
-        f"    if calls[0] == {MAX_STEPS}:  # once per optimizer step\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return check(self, *a, **k)\n"
-        "lmdist.stopping.StopGuard.check = signal_then_check\n"
-        f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
-    return wrapper
-
-
 def assert_completed_like(out: Path, reference: Path, saved_before: dict) -> None:
     """out completed at R's last step with R's final weights; its checkpoints untouched by the relaunch."""
     run = read_run(out)
@@ -137,7 +120,9 @@ def test_stopped_during_the_last_step_relaunch_only_completes(markov_files, refe
     ref, _ = reference
     out = tmp_path / "run"
     args = limits_args(markov_files, out)
-    stopped = launch(args, cwd=tmp_path, script=stop_at_last_step_script(tmp_path))
+    # SIGTERM during the last step, just before its stop check: the step is completed and saved, exit 75
+    stopped = launch(args, cwd=tmp_path, script=faults.SCRIPT,
+                     env=faults.inject(faults.sigterm_before_stop_check, check=MAX_STEPS))
     assert stopped.returncode == 75 and f"SIGTERM at step {MAX_STEPS}" in stopped.stderr, stopped.stderr[-3000:]
     assert read_run(out)["status"] == "stopped" and not (out / "final").exists()
     saved = checkpoint_files(out)

@@ -14,23 +14,10 @@ from pathlib import Path
 import pytest
 
 from lmdist.tokenizer import ByteTokenizer
-from tests.conftest import REPO, TINY_GPT, final_weights, launch, read_metrics, run_ok, with_flags
+from tests import faults
+from tests.conftest import TINY_GPT, final_weights, launch, launch_env, read_metrics, run_ok, with_flags
 
 pytestmark = pytest.mark.launch
-
-# Record every training batch's targets, per rank, in the order trained (appending across launches).
-RECORDER = """import json, os, runpy, sys
-import lmdist.metrics
-loss = lmdist.metrics.next_token_loss
-def recording_loss(logits, targets):  # the training loss (evaluation goes through TokenMeter.update)
-    with open(os.path.join({folder!r}, f"rank{{os.environ.get('RANK', '0')}}.jsonl"), "a") as f:
-        f.write(json.dumps(targets.tolist()) + "\\n")
-    return loss(logits, targets)
-lmdist.metrics.next_token_loss = recording_loss
-sys.argv[0] = {train!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
@@ -48,15 +35,9 @@ def stream_args(shards: Path, output_dir: Path) -> list[str]:
                       "--save_every", "5", "--eval_every", "10", "--output_dir", str(output_dir))
 
 
-def recorder(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    script = folder / "record.py"
-    script.write_text(RECORDER.format(folder=str(folder), train=str(REPO / "train.py")))
-    return script
-
-
 def trained_text(folder: Path, rank: int) -> str:
-    """Everything rank `rank` trained on, as text (targets in order: each token once)."""
+    """Everything rank `rank` trained on, as text (targets in order: each token once), as recorded in `folder`
+    by faults.record_training_targets."""
     rows = [json.loads(line) for line in (folder / f"rank{rank}.jsonl").read_text().splitlines()]
     return ByteTokenizer().decode(token for batch in rows for sequence in batch for token in sequence)
 
@@ -68,7 +49,8 @@ def rows_read(text: str) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("straight")
-    run_ok(stream_args(shards, folder / "run"), cwd=folder, nproc=2, launcher="torchrun", script=recorder(folder))
+    run_ok(stream_args(shards, folder / "run"), cwd=folder, nproc=2, launcher="torchrun", script=faults.SCRIPT,
+           env=faults.inject(faults.record_training_targets, folder=str(folder)))
     return folder
 
 
@@ -81,12 +63,12 @@ def test_ranks_read_disjoint_gapless_parts_of_the_stream(uninterrupted):
 
 
 def test_stream_resumes_where_it_stopped(shards, uninterrupted, tmp_path):
-    script = recorder(tmp_path)
+    recording = faults.inject(faults.record_training_targets, folder=str(tmp_path))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(faults.SCRIPT),
            *stream_args(shards, out), "--wandb_mode", "disabled"]
-    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(recording), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = out / "metrics.jsonl"
     while not (metrics.exists() and any(json.loads(line)["step"] >= 12 for line in metrics.read_text().splitlines())):
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -94,7 +76,8 @@ def test_stream_resumes_where_it_stopped(shards, uninterrupted, tmp_path):
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert "lmdist: stopped" in stderr, stderr[-3000:]
-    result = launch(stream_args(shards, out), cwd=tmp_path, nproc=2, launcher="torchrun", script=script)
+    result = launch(stream_args(shards, out), cwd=tmp_path, nproc=2, launcher="torchrun", script=faults.SCRIPT,
+                    env=recording)
     assert result.returncode == 0, result.stderr[-3000:]
     assert any("resumed_from" in row for row in read_metrics(out))
     for rank in (0, 1):  # the two launches together trained on exactly what the uninterrupted run did
