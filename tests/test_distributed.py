@@ -162,8 +162,8 @@ def test_world_size_mismatch_is_refused(markov_files, tmp_path):
     machine) would train two copies: both ranks must refuse with exit 2 and say why."""
     wrapper = tmp_path / "without_cpu_decision.py"
     wrapper.write_text(
-        "import runpy, sys\nimport lmdist.engine\n"
-        "lmdist.engine.has_accelerator = lambda: True  # Accelerator(cpu=False) on a machine without GPUs\n"
+        "import runpy, sys\nimport lmdist.launch\n"
+        "lmdist.launch.has_accelerator = lambda: True  # Accelerator(cpu=False) on a machine without GPUs\n"
         f"sys.argv[0] = {str(REPO / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     result = launch([*TINY_GPT, "--dataset", str(markov_files["short"]), "--output_dir", str(tmp_path / "out")],

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lmdist import engine, perf
+from lmdist import engine, optim, perf
 from lmdist.config import make_config
 from lmdist.errors import ConfigError
 from lmdist.models import GPT, LSTMLanguageModel
@@ -134,7 +134,7 @@ def test_peak_memory_is_this_process_resident_peak():
 @pytest.mark.parametrize("name", ["adamw", "adam"])
 def test_adam_is_fused_and_skips_decay_on_biases_and_norms(name):
     model = GPT(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
-    optimizer = engine.build_optimizer(make_config({"model": "gpt", "optimizer": name}), model)
+    optimizer = optim.build_optimizer(make_config({"model": "gpt", "optimizer": name}), model)
     assert optimizer.defaults["fused"] is True
     decayed, plain = optimizer.param_groups
     assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] > 0
@@ -161,7 +161,7 @@ def test_compile_compiles_the_loss_with_the_model():
 MIXED_PRECISION_OUTPUTS = """
 import torch
 from accelerate import Accelerator
-from lmdist import engine
+from lmdist import engine, optim
 from lmdist.config import TrainConfig
 from lmdist.models import build_model
 
@@ -172,7 +172,7 @@ upcast = accelerator.prepare(build_model(cfg, 64))
 model = build_model(cfg, 64)
 with torch.autocast("cpu", dtype=torch.bfloat16):
     want = model(idx)
-model, _ = engine.prepare(accelerator, model, engine.build_optimizer(cfg, model))  # as train.py does
+model, _ = engine.prepare(accelerator, model, optim.build_optimizer(cfg, model))  # as train.py does
 alone, = engine.prepare(accelerator, build_model(cfg, 64))  # as `lmdist eval` does
 print(upcast(idx).dtype, model(idx).dtype, torch.equal(model(idx), want), alone(idx).dtype)
 """
@@ -208,8 +208,8 @@ def test_lmdist_peak_reports_measured_matmul_rates():
 # A child process: a "step" touches 16 buffers of 10 MB and frees them; the page faults of the second step.
 SECOND_STEP_FAULTS = """
 import resource, sys, torch
-from lmdist import engine
-print(engine.tune_host_allocator(), file=sys.stderr)
+from lmdist import launch
+print(launch.tune_host_allocator(), file=sys.stderr)
 for step in range(2):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buffers = [torch.empty(2_500_000).fill_(1.0) for _ in range(16)]
