@@ -7,23 +7,20 @@ work on the main process first, compile, the loss function and the loaders' work
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import shutil
 import warnings
 from collections.abc import Callable
-from types import MethodType
 from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import InitProcessGroupKwargs, set_seed
-from accelerate.utils.operations import ConvertOutputsToFp32
+from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs, set_seed
 
-from lmdist import launch, metrics, perf, sharding
+from lmdist import launch, metrics, patches, perf, sharding
 from lmdist.config import TrainConfig
 from lmdist.errors import ConfigError, LmdistError
+from lmdist.models import build_model
 
 T = TypeVar("T")
 
@@ -38,6 +35,7 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
     try:
         accelerator = Accelerator(
             cpu=cpu,
+            fsdp_plugin=None if cpu else fsdp_plugin(cfg),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=launch.collective_timeout())],
             gradient_accumulation_steps=cfg.grad_accum,
             # lmdist's loaders draw global batches and split them (N ranks x b see what 1 process x N*b sees);
@@ -52,8 +50,19 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
     launch.check_world_size(accelerator.num_processes)
     check_precision(accelerator.mixed_precision, accelerator.device)
     torch.set_num_threads(launch.threads_per_process(cfg))
-    _remember_installed_packages()
+    patches.remember_installed_packages()
     return accelerator
+
+
+def fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin | None:
+    """Accelerate's FSDP plugin (GPUs, more than one process) from the launch's FSDP config, wrapping only the
+    unit classes this config's model has: one config names both models' layers, and Accelerate refuses a name
+    the model lacks. None when no FSDP config was launched (Accelerate then uses none either)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or launch.launched_world_size() <= 1:
+        return None
+    with torch.device("meta"):  # the model's module classes, without allocating its weights
+        model = build_model(cfg, cfg.vocab_multiple)
+    return FullyShardedDataParallelPlugin(transformer_cls_names_to_wrap=sharding.unit_names(model))
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:
@@ -69,17 +78,6 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
         warnings.warn("this CPU has no bf16 kernels (oneDNN needs AVX-512 or newer): bf16 autocast is emulated "
                       "and trains many times slower than fp32 here (GPTs: 5-20x on an AVX2 EPYC); "
                       "launch without --mixed_precision bf16 to train in fp32", stacklevel=2)
-
-
-def _remember_installed_packages() -> None:
-    """Accelerate's optimizer step asks whether `lomo_optim` is installed, twice per step, each an importlib
-    search (about 25 us each, a third of the step's bookkeeping on a small model). Installed packages do not
-    change during a run, so the answer is looked up once."""
-    import accelerate.optimizer
-
-    lookup = getattr(accelerate.optimizer, "is_lomo_available", None)
-    if lookup is not None and not hasattr(lookup, "cache_info"):
-        accelerate.optimizer.is_lomo_available = functools.cache(lookup)
 
 
 def shard_if_asked(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
@@ -117,15 +115,11 @@ def dataloader_workers(cfg: TrainConfig, device: torch.device) -> int:
 
 def prepare(accelerator: Accelerator, model: torch.nn.Module, *objects) -> tuple:
     """`accelerator.prepare` as a tuple (model, *objects), except that a model lmdist sharded itself is not
-    wrapped in DDP; Accelerate's FSDP (on GPUs) wraps the unit classes this model has, and the model's outputs
-    keep the autocast dtype."""
+    wrapped in DDP; the model's outputs keep the autocast dtype (`patches.keep_autocast_outputs`)."""
     if sharding.is_sharded(model):
         return (model, *_prepare_each(accelerator, objects))
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if plugin is not None:
-        plugin.transformer_cls_names_to_wrap = sharding.unit_names(model)
     prepared = _prepare_each(accelerator, (model, *objects))
-    keep_autocast_outputs(accelerator.unwrap_model(prepared[0]))
+    patches.keep_autocast_outputs(accelerator.unwrap_model(prepared[0]))
     return prepared
 
 
@@ -135,19 +129,6 @@ def _prepare_each(accelerator: Accelerator, objects: tuple) -> tuple:
         return ()
     prepared = accelerator.prepare(*objects)
     return prepared if len(objects) > 1 else (prepared,)
-
-
-def keep_autocast_outputs(model: torch.nn.Module) -> None:
-    """Undo Accelerate's upcast of a mixed-precision model's outputs to fp32; the forward pass keeps its autocast.
-
-    Accelerate wraps `forward` to return fp32, so that a loss computed outside the model runs in full precision.
-    lmdist's loss and evaluation upcast inside themselves (fused with the softmax when compiled), so the wrapper
-    only added a batch x time x vocab fp32 copy of the logits, and another of their gradient: GPT-2 124M at
-    batch 64 on an H200, 13 GB each and 9.2 of a step's 139 ms. A forward that Accelerate wrapped differently is
-    left as it is."""
-    upcast = getattr(model.__dict__.get("forward"), "__wrapped__", None)
-    if isinstance(upcast, ConvertOutputsToFp32) and inspect.ismethod(model.__dict__.get("_original_forward")):
-        model.forward = MethodType(upcast.model_forward, model)  # the autocast-wrapped forward Accelerate made
 
 
 def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
