@@ -177,9 +177,11 @@ def test_lmdist_peak_reports_measured_matmul_rates():
 
 
 # A child process: a "step" touches 16 buffers of 10 MB and frees them; the page faults of the second step.
+# engine too, as in training: tune_host_allocator runs once accelerate and the rest are loaded (with torch alone
+# loaded, glibc's heap still returned some buffers in about half the runs).
 SECOND_STEP_FAULTS = """
 import resource, sys, torch
-from lmdist import launch
+from lmdist import engine, launch
 print(launch.tune_host_allocator(), file=sys.stderr)
 for step in range(2):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
