@@ -18,25 +18,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmdist import config, data, engine
+from lmdist import config, data, launch, optim
 from lmdist.models import build_model
-from lmdist.schedule import build_scheduler
 
 
 def main(argv: list[str]) -> None:
     cfg = config.parse_args(argv)
-    engine.tune_host_allocator()  # the process settings lmdist makes, so that the loops alone are compared
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    launch.tune_host_allocator()  # the process settings lmdist makes, so that the loops alone are compared
+    torch.set_num_threads(launch.threads_per_process(cfg))
     torch.manual_seed(cfg.seed)
     corpus = data.load_corpus(cfg, lambda build: build(), is_main=True)
     tokens = torch.from_numpy(corpus.train.slice(0, corpus.train.n_tokens).astype("int64"))
 
     model = build_model(cfg, corpus.tokenizer.vocab_size)
-    params = list({id(p): p for p in model.parameters()}.values())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    scheduler = build_scheduler(cfg, optimizer, cfg.max_steps)
+    optimizer = optim.build_optimizer(cfg, model)
+    scheduler = optim.build_scheduler(cfg, optimizer, cfg.max_steps)
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as log:
         train(cfg, model, optimizer, scheduler, tokens, log)

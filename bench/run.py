@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench import report  # noqa: E402
-from lmdist import perf  # noqa: E402
+from lmdist import launch, perf  # noqa: E402
 
 TRAIN, PLAIN, COUNT = REPO / "train.py", REPO / "bench" / "plain_loop.py", REPO / "bench" / "count_collectives.py"
 CPU_CONFIG = REPO / "accelerate_configs" / "cpu.yaml"
@@ -273,7 +273,7 @@ def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
                  platform.processor() or platform.machine())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "isa": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": model, "cores": launch.available_cores(), "isa": torch.backends.cpu.get_cpu_capability(),
             "bf16": "native" if perf.native_cpu_bf16() else "emulated", "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 

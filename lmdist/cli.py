@@ -82,7 +82,7 @@ class Env:
         import accelerate
         import torch
 
-        from lmdist import __version__, engine
+        from lmdist import __version__, launch
         from lmdist.config import TrainConfig
         from lmdist.tracking import has_wandb_credentials, wandb_mode
 
@@ -90,9 +90,9 @@ class Env:
                          "OMP_NUM_THREADS", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "SLURM_JOB_ID")
         report = {
             "lmdist": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
-            "accelerator_available": engine.has_accelerator(),
+            "accelerator_available": launch.has_accelerator(),
             "cuda_devices": torch.cuda.device_count(),
-            "threads_per_process": engine.threads_per_process(TrainConfig()),
+            "threads_per_process": launch.threads_per_process(TrainConfig()),
             "launcher_env": {k: os.environ[k] for k in launcher_vars if k in os.environ},
             "wandb_credentials": has_wandb_credentials(),
             "wandb_mode": wandb_mode(TrainConfig()),
@@ -131,11 +131,11 @@ class Peak:
     def run(self) -> None:
         import torch
 
-        from lmdist import engine, perf
+        from lmdist import launch, perf
         from lmdist.config import TrainConfig
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.set_num_threads(self.threads or engine.threads_per_process(TrainConfig()))
+        torch.set_num_threads(self.threads or launch.threads_per_process(TrainConfig()))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         known = perf.datasheet_peak(name) if name else None
         n, seconds = (8192 if device.type == "cuda" else 2048), self.seconds

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from lmdist import stopping
+from lmdist import launch, stopping
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
 from lmdist.sources import (
@@ -146,9 +146,8 @@ def tokenize(rows, tokenizer: Tokenizer, column: str):
     import datasets
 
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "int32"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # processes pay off only on big data: 20,000 rows or 64 MiB each
-    num_proc = min(cores, max(rows.num_rows // 20_000, rows.data.nbytes >> 26)) or None
+    num_proc = min(launch.available_cores(), max(rows.num_rows // 20_000, rows.data.nbytes >> 26)) or None
     batch_size = rows_per_batch(rows)
     return rows.map(
         _tokenize_batch, batched=True, batch_size=batch_size, writer_batch_size=batch_size, num_proc=num_proc,

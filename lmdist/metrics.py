@@ -19,8 +19,8 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
 
     The loss and the hit count read the same logits: compiled together (`--compile`), the hits' `amax` shares
     the softmax's pass over batch x time x vocab instead of making one of its own. A top-1 hit is "the target's
-    logit is the largest" (amax + gather, far cheaper than argmax on CPU; a tie for the top counts as a hit). Every target counts: training sequences
-    are whole."""
+    logit is the largest" (amax + gather, far cheaper than argmax on CPU; a tie for the top counts as a hit).
+    Every target counts: training sequences are whole."""
     flat, flat_targets = logits.flatten(0, 1), targets.flatten()
     loss = F.cross_entropy(flat.float(), flat_targets)
     hits = top1_hits(flat, flat_targets).sum()

@@ -30,8 +30,9 @@ from lmdist.metrics import TokenMeter
 from lmdist.metrics import evaluate as evaluate_on
 from lmdist.models import build_model, count_parameters
 from lmdist.models.memory import check_attention_memory
+from lmdist.optim import build_optimizer, build_scheduler, lr_at
 from lmdist.profiling import StepProfiler
-from lmdist.schedule import Plan, build_scheduler, lr_at
+from lmdist.schedule import Plan
 from lmdist.stopping import StopGuard, Stopped, requeue_slurm_job
 
 
@@ -216,7 +217,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it
     model = engine.compile_if_asked(model, cfg, accelerator.device)
     loss_fn = engine.loss_function(cfg)  # compiled too, when the model is
-    optimizer = engine.build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
     model, optimizer, scheduler = engine.prepare(accelerator, model, optimizer, scheduler)  # the loaders place batches
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout

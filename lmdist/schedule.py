@@ -1,4 +1,4 @@
-"""How long the run is, counted in optimizer steps, and how the learning rate moves over it.
+"""How long the run is, counted in optimizer steps (the learning rate over it: `lmdist.optim`).
 
 Two counters, never mixed up: a *micro-step* is one batch through forward and backward; a *step*
 is one optimizer update (`grad_accum` micro-steps).
@@ -9,13 +9,11 @@ last one possibly partial. Without it the run is `epochs` whole epochs.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-
-import torch
 
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
+from lmdist.optim import lr_at
 
 
 @dataclass(frozen=True)
@@ -87,20 +85,3 @@ class Plan:
                     f"{lr_at(self.total_steps - 1, cfg, self.total_steps):.3g}); lower --warmup_steps"]
         return []
 
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then decay to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
-    return cfg.effective_min_lr + shape * (cfg.lr - cfg.effective_min_lr)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """A LambdaLR that follows `lr_at`, stepped once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr if cfg.lr else 1.0
-    )

@@ -37,9 +37,9 @@ def _rank() -> int:
 def claim_a_gpu() -> None:
     """Accelerate is not told to use the CPU, as on a machine where it believes a GPU exists: each rank of a
     CPU launch then builds a world of its own."""
-    import lmdist.engine
+    import lmdist.launch
 
-    lmdist.engine.has_accelerator = lambda: True
+    lmdist.launch.has_accelerator = lambda: True
 
 
 def hang_rank(rank: int, seconds: float = 600) -> None:

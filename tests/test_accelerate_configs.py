@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from accelerate.utils import FullyShardedDataParallelPlugin
 
 from lmdist import engine, sharding
 from lmdist.config import make_config
@@ -121,14 +119,15 @@ def test_fsdp_trains_the_lstm_like_ddp(markov_files, tmp_path):
 def test_fsdp_yaml_on_gpus_wraps_the_layers_the_model_has(monkeypatch, model_name, units):
     """Accelerate's FSDP (GPUs only) refuses a model that lacks any class the config names; fsdp.yaml names
     both models' layers, so lmdist hands Accelerate the ones this model has (found on an H200: GPT failed)."""
-    names = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
-    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", names)  # as accelerate launch exports it
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
-    model = build_model(make_config({"model": model_name}), 100)
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), unwrap_model=lambda model: model,
-                                  prepare=lambda *objects: objects if len(objects) > 1 else objects[0])
-    engine.prepare(accelerator, model)
-    assert plugin.transformer_cls_names_to_wrap == units
+    fsdp = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]
+    for name, value in {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2", "FSDP_VERSION": fsdp["fsdp_version"],
+                        "FSDP_AUTO_WRAP_POLICY": fsdp["fsdp_auto_wrap_policy"],
+                        "FSDP_TRANSFORMER_CLS_TO_WRAP": fsdp["fsdp_transformer_layer_cls_to_wrap"]}.items():
+        monkeypatch.setenv(name, str(value))  # as accelerate launch exports them
+    cfg = make_config({"model": model_name})
+    plugin = engine.fsdp_plugin(cfg)  # what build_accelerator hands the Accelerator
+    assert plugin.transformer_cls_names_to_wrap == units and plugin.fsdp_version == 2
+    model = build_model(cfg, 100)
     plugin.set_auto_wrap_policy(model)  # what Accelerate's prepare does next
     wrapped = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
     assert {cls.__name__ for cls in wrapped} == set(units)

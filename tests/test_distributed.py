@@ -214,7 +214,7 @@ def test_world_size_mismatch_is_refused(markov_files, tmp_path):
                     env=faults.inject(faults.claim_a_gpu), timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("the launcher started 2 processes (WORLD_SIZE) but Accelerate sees a world of 1") == 2
-    assert "engine.py" not in result.stderr, "a user error, not a traceback (the launcher's own report aside)"
+    assert "lmdist/launch.py" not in result.stderr, "a user error, not a traceback (the launcher's own report aside)"
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 

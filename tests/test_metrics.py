@@ -10,7 +10,8 @@ from lmdist.config import TrainConfig
 from lmdist.data import IGNORE_INDEX
 from lmdist.errors import DataError
 from lmdist.metrics import TokenMeter, next_token_loss
-from lmdist.schedule import Plan, lr_at
+from lmdist.optim import lr_at
+from lmdist.schedule import Plan
 
 
 class OneProcess:

@@ -6,6 +6,7 @@ from torch import nn
 from lmdist.config import TrainConfig
 from lmdist.models.gpt import GPT
 from lmdist.models.lstm import LSTMLanguageModel
+from lmdist.models.parameters import count_parameters
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
@@ -15,11 +16,6 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
         return GPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.tie_weights)
     return LSTMLanguageModel(vocab_size, cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout,
                              cfg.tie_weights)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 __all__ = ["GPT", "LSTMLanguageModel", "build_model", "count_parameters"]

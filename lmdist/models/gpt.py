@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmdist.models.parameters import count_parameters
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
@@ -80,7 +82,7 @@ class GPT(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs (forward + backward) per token, the PaLM convention: 6N for the weights plus
         12*L*n_embd*T for attention, N without the position embeddings (a lookup, not a matmul)."""
-        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values()) - self.wpe.weight.numel()
+        n = count_parameters(self) - self.wpe.weight.numel()
         return 6 * n + 12 * self.n_layer * self.n_embd * self.block_size
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
