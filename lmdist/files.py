@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-from lmdist.errors import ConfigError, LmdistError, StorageError, os_error_of
+from lmdist.errors import ConfigError, LmdistError, StorageError, os_error_of, os_error_text
 
 
 def _read_umask() -> int:
@@ -141,9 +141,5 @@ def make_output_dir(path: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as error:
-        raise ConfigError(f"--output_dir {path} is not a writable folder ({_os_error_text(error)}): fix it, or "
+        raise ConfigError(f"--output_dir {path} is not a writable folder ({os_error_text(error)}): fix it, or "
                           "choose another output_dir") from None
-
-
-def _os_error_text(error: OSError) -> str:
-    return f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)

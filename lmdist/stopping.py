@@ -29,6 +29,8 @@ MAX_SKIPPED_STEPS = 20  # fp16: the scaler skips overflowing steps; this many in
 
 
 class NonFiniteError(LmdistError):
+    """A NaN or inf in the loss or the gradient norm: nothing non-finite was saved."""
+
     exit_code = EXIT_NONFINITE
     status = "non-finite"
 

@@ -24,7 +24,7 @@ from lmdist import files
 from lmdist.checkpoint import SIGNAL_LEAD_S, is_own_checkpoint
 from lmdist.config import TrainConfig
 from lmdist.data import Corpus
-from lmdist.errors import StorageError, as_user_error
+from lmdist.errors import StorageError, as_user_error, first_line
 from lmdist.schedule import Plan
 from lmdist.sharding import is_sharded, local_parameters
 
@@ -126,7 +126,7 @@ class ResilientWandBTracker(WandBTracker):
                                   settings=wandb.Settings(init_timeout=self.timeout), **self.init_kwargs)
             return
         except Exception as e:  # noqa: BLE001 -- no key, no server, timeout, bad settings: W&B never stops training
-            self.fell_back = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.fell_back = f"{type(e).__name__}: {first_line(e)}"
         wandb.teardown()  # the failed start still holds the run id
         if self.mode == "online":
             try:
@@ -134,7 +134,7 @@ class ResilientWandBTracker(WandBTracker):
                 self.mode = "offline"
                 return
             except Exception as e:  # noqa: BLE001
-                self.fell_back += f"; offline: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self.fell_back += f"; offline: {type(e).__name__}: {first_line(e)}"
         self.mode = "disabled"
 
     @on_main_process
@@ -360,8 +360,7 @@ class RunLog:
         if error is None or self.closed:
             return
         error = as_user_error(error)  # the status and reason the command will report
-        reason = {"status": getattr(error, "status", "failed"), "exit_code": getattr(error, "exit_code", 1),
-                  "reason": str(error) or type(error).__name__}
+        reason = {"status": error.status, "exit_code": error.exit_code, "reason": str(error) or type(error).__name__}
         self.finish(reason)
 
     def print(self, message: str) -> None:
