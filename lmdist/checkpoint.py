@@ -48,7 +48,6 @@ from lmdist.engine import shared_from_main
 from lmdist.errors import ConfigError, LmdistError, StorageError
 from lmdist.files import agree_on_writes, save_safetensors, save_torch, write_json, writing
 
-SIGNAL_LEAD_S = 60  # Slurm's default time between --signal and the kill: a save must fit in it
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 # Fields a relaunch may change: they steer logging, saving and evaluation, not the training itself.
@@ -132,7 +131,7 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
                                  "config": cfg.to_dict(),
                                  "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
                                  "sharded": sharding.is_sharded(model), "val_loss": val_loss}  # sharded: for the record
-                written.append(_write_json(os.path.join(path, STATE), trainer_state))
+                written.append(write_json(os.path.join(path, STATE), trainer_state, indent=1))
             for file in written:
                 _fsync(file)
     except StorageError as error:
@@ -156,7 +155,7 @@ def write_manifest(path: str, names: list[str], step: int) -> None:
     """Hash the files `names` of the checkpoint folder `path` into its manifest, the file that completes it."""
     files = {name: {"size": os.path.getsize(os.path.join(path, name)), "sha256": _sha256(os.path.join(path, name))}
              for name in sorted(names)}
-    _fsync(_write_json(os.path.join(path, MANIFEST), {"files": files, "step": step}))
+    _fsync(write_json(os.path.join(path, MANIFEST), {"files": files, "step": step}, indent=1))
     _verified[os.path.realpath(path)] = _stamp(path, files)
 
 
@@ -591,10 +590,6 @@ def _load_torch(folder: str, name: str):
     except Exception as e:  # noqa: BLE001 -- the unpickler refuses anything but tensors and plain values
         raise CheckpointError(f"{path} holds something other than tensors and plain values; refusing to load it "
                               f"({type(e).__name__})") from None
-
-
-def _write_json(path: str, data: dict) -> str:
-    return write_json(path, data, indent=1)
 
 
 def _fsync(path: str) -> None:

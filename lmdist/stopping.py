@@ -25,6 +25,7 @@ import torch.distributed as dist
 from lmdist.errors import EXIT_STOPPED, LmdistError
 
 EXIT_NONFINITE = 3
+SIGNAL_LEAD_S = 60  # Slurm's default time between --signal and the kill: a save must fit in it
 MAX_SKIPPED_STEPS = 20  # fp16: the scaler skips overflowing steps; this many in a row means divergence
 
 
