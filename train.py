@@ -22,6 +22,16 @@ from lmdist.metrics import TokenMeter, evaluate
 from lmdist.models import build_model, count_parameters
 from lmdist.models.memory import check_attention_memory
 from lmdist.profiling import StepProfiler
+from lmdist.resume import (
+    Progress,
+    adapt_to_world_size,
+    check_compatible,
+    check_same_data,
+    check_within,
+    checkpoint_record,
+    find_resume,
+    finished,
+)
 from lmdist.schedule import Plan, build_scheduler, lr_at
 from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_job
 
@@ -33,14 +43,14 @@ def main(argv: list[str]) -> None:
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
                            int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-    if cfg.resume == "auto" and checkpoint.finished(cfg):
+    if cfg.resume == "auto" and finished(cfg):
         accelerator.print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do")
         return
-    resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
+    resume = find_resume(cfg, say=accelerator.print)  # the newest complete checkpoint, verified
     if resume:  # the same global batch on another number of processes or batch_size adjusts grad_accum
-        resume, cfg = checkpoint.adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
+        resume, cfg = adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
         accelerator.gradient_accumulation_steps = cfg.grad_accum
-        checkpoint.check_compatible(resume, cfg)
+        check_compatible(resume, cfg)
     # The peak FLOP/s behind `mfu`, measured before any model exists: a big matmul measured after the model
     # and optimizer were allocated slowed the training steps that followed (LSTM S: -15%).
     peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)
@@ -50,7 +60,7 @@ def main(argv: list[str]) -> None:
     corpus = data.load_corpus(cfg, lambda build: engine.main_process_first(accelerator, build),
                               accelerator.is_main_process, reuse_tokenizer=resume is not None)
     if resume:
-        checkpoint.check_same_data(resume, corpus.fingerprint)
+        check_same_data(resume, corpus.fingerprint)
     workers = engine.dataloader_workers(cfg, accelerator.device)
     val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
     val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator, cfg.eval_batches, workers)
@@ -64,7 +74,7 @@ def main(argv: list[str]) -> None:
         plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
         train_loader = data.train_loader(train_set, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator, workers)
     if resume:
-        checkpoint.check_within(resume, plan.total_steps)
+        check_within(resume, plan.total_steps)
 
     model = build_model(cfg, corpus.tokenizer.vocab_size)
     if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
@@ -80,23 +90,25 @@ def main(argv: list[str]) -> None:
 
     train_meter = TokenMeter(accelerator.device)
     throughput = perf.Throughput(plan.tokens_per_step, flops_per_token, peak, accelerator.num_processes)
-    progress, (run_id, forked_from) = checkpoint.Progress(), tracking.run_identity(resume, cfg.output_dir)
+    progress, (run_id, forked_from) = Progress(), tracking.run_identity(resume, cfg.output_dir)
     if resume:  # model, optimizer, scheduler, RNG, unlogged metric sums and stream position, exactly as saved
-        rank_state = checkpoint.load(accelerator, resume, model=model, optimizer=optimizer, scheduler=scheduler)
-        train_meter.sums = rank_state["meter"].to(accelerator.device)
-        if cfg.streaming:
-            train_set.load_state(rank_state["stream"])
+        inherited = checkpoint.load(accelerator, resume.path, model=model, optimizer=optimizer, scheduler=scheduler)
+        if inherited:  # on another number of processes, rank zero takes over every saved rank's unlogged sums
+            train_meter.sums = sum(state["meter"] for state in inherited).to(accelerator.device)
+        if cfg.streaming:  # on as many processes as saved
+            train_set.load_state(inherited[0]["stream"])
         progress = resume.progress
     guard = StopGuard(use_scaler=accelerator.scaler is not None)
 
     def save_checkpoint() -> str:
-        path = checkpoint.step_dir(cfg.output_dir, progress.step)
-        seconds = checkpoint.save(accelerator, path, cfg, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  progress=progress.normalized(plan.steps_per_epoch * cfg.grad_accum),
-                                  rank_state={"meter": train_meter.sums,
-                                              **({"stream": train_set.state()} if cfg.streaming else {})},
-                                  run_id=run_id, forked_from=forked_from,
-                                  data_fingerprint=corpus.fingerprint, val_loss=row.get("val/loss"))
+        record = checkpoint_record(cfg, progress.normalized(plan.steps_per_epoch * cfg.grad_accum), run_id=run_id,
+                                   forked_from=forked_from, data_fingerprint=corpus.fingerprint,
+                                   val_loss=row.get("val/loss"))
+        path, seconds = checkpoint.save(accelerator, cfg.output_dir, progress.step, model=model, optimizer=optimizer,
+                                        scheduler=scheduler, record=record, keep_last=cfg.keep_last,
+                                        keep_best=cfg.keep_best,
+                                        rank_state={"meter": train_meter.sums,
+                                                    **({"stream": train_set.state()} if cfg.streaming else {})})
         log.checkpoint_saved(path, seconds)
         return path
 
@@ -110,7 +122,7 @@ def main(argv: list[str]) -> None:
         row = {}
         if resume:
             log.print(f"resumed from {resume.path}: step {progress.step}, epoch {progress.epoch}, "
-                      f"batch {progress.batches_in_epoch} of that epoch")
+                      f"batch {progress.micro_batches_in_epoch} of that epoch")
             if progress.step == plan.total_steps:  # stopped during its last step, or run.json lost: export only
                 log.print(f"the checkpoint is the run's last step ({plan.total_steps}): nothing left to train")
                 row = evaluate(model, val_loader, accelerator)  # the final row's val metrics (the same weights)
@@ -118,10 +130,10 @@ def main(argv: list[str]) -> None:
             if progress.step == plan.total_steps:
                 break  # the run is done: at the end of the last epoch's steps, or resumed at its last step
             # A fresh, seeded shuffle each epoch; a resumed epoch skips the batches it already trained on.
-            skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+            skip = progress.micro_batches_in_epoch if epoch == progress.epoch else 0
             if not cfg.streaming:  # a stream has no epochs: its position is part of its state
                 train_loader.set_epoch(epoch, skip)
-            progress.epoch, progress.batches_in_epoch = epoch, skip
+            progress.epoch, progress.micro_batches_in_epoch = epoch, skip
             for inputs, targets in throughput.timed(train_loader):  # timed: the wait for each batch
                 with accelerator.accumulate(model):
                     logits = model(inputs)
@@ -138,7 +150,7 @@ def main(argv: list[str]) -> None:
                     scheduler.step()
                     optimizer.zero_grad()
                 progress.micro_step += 1
-                progress.batches_in_epoch += 1
+                progress.micro_batches_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue  # still accumulating: no optimizer step yet
                 guard.after_step(optimizer)

@@ -21,10 +21,10 @@ from urllib.parse import urlparse
 from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
 
 from lmdist import files
-from lmdist.checkpoint import is_own_checkpoint
 from lmdist.config import TrainConfig
 from lmdist.data import Corpus
 from lmdist.errors import StorageError, as_user_error, first_line
+from lmdist.resume import is_own_checkpoint
 from lmdist.schedule import Plan
 from lmdist.sharding import is_sharded, local_parameters
 from lmdist.stopping import SIGNAL_LEAD_S
