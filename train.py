@@ -39,7 +39,7 @@ from lmdist.stopping import StopGuard, Stopped, nonfinite_error, requeue_slurm_j
 def main(argv: list[str]) -> None:
     cfg = config.load_config(argv)  # a bad flag stops here, before any process group or data work
     streaming.check_streaming_config(cfg)
-    accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
+    accelerator = engine.build_accelerator(cfg)
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
                            int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))

@@ -30,7 +30,7 @@ from lmdist.errors import ConfigError, LaunchError, LmdistError
 T = TypeVar("T")
 
 
-def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Accelerator:
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for this launch: CPU/gloo without an accelerator, the launcher's world size verified."""
     check_launcher_env()
     tune_host_allocator()
@@ -46,7 +46,6 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
             # split_batches tells Accelerate so, and its LR scheduler then steps once per optimizer step
             # whatever the world size.
             dataloader_config=DataLoaderConfiguration(split_batches=True),
-            log_with=log_with,
             project_dir=cfg.output_dir,
         )
     except ValueError as e:  # e.g. fp16 asked for on a device without it

@@ -119,8 +119,7 @@ def test_a_checkpoint_of_the_older_format_resumes(training, tmp_path):
 def cut_back(path: Path, step: int):
     from lmdist.tracking import JsonlTracker
 
-    tracker = JsonlTracker(str(path))
-    tracker.resume_step = step
+    tracker = JsonlTracker(str(path), resume_step=step)
     tracker.start()
     tracker.finish()
     return tracker.repaired
