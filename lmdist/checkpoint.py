@@ -4,7 +4,7 @@
         model.safetensors     full weights (tied weights once), written by rank zero
         optimizer.pt          optimizer state      } torch.save of tensors and plain values:
         scheduler.pt          LR scheduler state   } loaded with weights_only=True
-        rank_00000.pt ...     each rank's RNG states and unreduced metric sums
+        rank_00000.pt ...     each rank's RNG states and rank_state (its unreduced metric sums, stream position)
         trainer_state.json    the trainer's record (lmdist.resume: counters, data position, config, data
                               fingerprint, run id), its val_loss for keep_best, and the world size that saved it
         manifest.json         size and sha256 of every file above; written last, by rank zero
@@ -25,7 +25,8 @@ used here.
 
 The checkpointer knows the training objects only by their state: the model's full weights, the optimizer's
 and scheduler's state dicts, each rank's own `rank_state` (tensors and plain values), and a JSON `record` it
-stores as given and reads nothing of but `val_loss`.
+stores as given and reads nothing of but `val_loss` (for keep_best) and `run_id` (to say where init_from's
+weights come from).
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ from lmdist.files import agree_on_writes, save_safetensors, save_torch, write_js
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+
+
 class CheckpointError(LmdistError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
@@ -196,10 +199,11 @@ def init_weights(module: torch.nn.Module, folder: str) -> str:
 def _weights_origin(folder: str) -> str:
     """The step and run a checkpoint or a final/ export holds the weights of, where its records say."""
     try:
-        if os.path.exists(os.path.join(folder, STATE)):  # a checkpoint
+        if os.path.exists(os.path.join(folder, STATE)):  # a checkpoint: its manifest's step, its record's run
+            with open(os.path.join(folder, MANIFEST)) as f:
+                step = json.load(f)["step"]
             with open(os.path.join(folder, STATE)) as f:
-                state = json.load(f)
-            return f"checkpoint at step {state['progress']['step']} of run {state['run_id']}"
+                return f"checkpoint at step {step} of run {json.load(f)['run_id']}"
         with open(os.path.join(folder, os.pardir, "run.json")) as f:  # a final/ export inside its run's output_dir
             run = json.load(f)
         return f"final weights of run {run['run_id']}, {run.get('status')} at step {run.get('step')}"
