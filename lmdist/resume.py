@@ -11,8 +11,8 @@ batch_size, grad_accum absorbs the change, so that the global batch and the data
 sequences) carry over. A finished run (final/ written) relaunched with its own config does nothing; with other
 settings it is refused, and the refusal prints the command that trains on from its final weights.
 
-trainer_state.json holds `checkpoint_record`'s fields, which `Resume` reads back: lmdist.checkpoint stores the
-record without interpreting it.
+trainer_state.json holds `checkpoint_record`'s fields, which `Resume` reads back; lmdist.checkpoint stores the
+record as given (see its docstring for the two fields it reads).
 """
 from __future__ import annotations
 
