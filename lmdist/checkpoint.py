@@ -4,8 +4,9 @@
         model.safetensors     full weights (tied weights once), written by rank zero
         optimizer.pt          optimizer state      } torch.save of tensors and plain values:
         scheduler.pt          LR scheduler state   } loaded with weights_only=True
-        rank_00000.pt ...     each rank's RNG states and unreduced metric sums
-        trainer_state.json    counters, data position, config, data fingerprint, W&B run id
+        rank_00000.pt ...     each rank's RNG states and rank_state (its unreduced metric sums, stream position)
+        trainer_state.json    the trainer's record (lmdist.resume: counters, data position, config, data
+                              fingerprint, run id), its val_loss for keep_best, and the world size that saved it
         manifest.json         size and sha256 of every file above; written last, by rank zero
 
 A checkpoint counts only once its manifest exists and every file matches it: a save killed at any
@@ -21,6 +22,11 @@ Why not `accelerator.save_state`: it pickles RNG states that `load_state` unpick
 silently skips RNG files it cannot load, and its `total_limit` deletes the old checkpoint before
 the new one is complete. The pieces it is right about (gathering a full state dict, barriers) are
 used here.
+
+The checkpointer knows the training objects only by their state: the model's full weights, the optimizer's
+and scheduler's state dicts, each rank's own `rank_state` (tensors and plain values), and a JSON `record` it
+stores as given and reads nothing of but `val_loss` (for keep_best) and `run_id` (to say where init_from's
+weights come from).
 """
 from __future__ import annotations
 
@@ -30,70 +36,25 @@ import itertools
 import json
 import os
 import random
-import shlex
 import shutil
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from lmdist import sharding
-from lmdist.config import TrainConfig, upgrade_saved
 from lmdist.engine import shared_from_main
-from lmdist.errors import ConfigError, LmdistError, StorageError
+from lmdist.errors import LmdistError, StorageError
 from lmdist.files import agree_on_writes, save_safetensors, save_torch, write_json, writing
 
-SIGNAL_LEAD_S = 60  # Slurm's default time between --signal and the kill: a save must fit in it
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
-# Fields a relaunch may change: they steer logging, saving and evaluation, not the training itself.
-RUN_CONTROL_FIELDS = {"eval_every", "eval_batches", "log_every", "save_every", "keep_last", "keep_best", "resume",
-                      "wandb_mode", "wandb_init_timeout", "wandb_project", "run_name", "threads", "cache_dir"}
 
 
 class CheckpointError(LmdistError):
     """A checkpoint is missing, incomplete or does not match the run."""
-
-
-@dataclass
-class Progress:
-    """Where training is: the counters and the data position, all in one place."""
-
-    step: int = 0  # optimizer steps done
-    micro_step: int = 0  # batches through forward/backward
-    epoch: int = 0  # the epoch in progress
-    batches_in_epoch: int = 0  # global batches of that epoch already consumed
-    tokens_seen: int = 0
-
-    def normalized(self, batches_per_epoch: int) -> Progress:
-        """The same position, with a finished epoch written as the start of the next one."""
-        if self.batches_in_epoch < batches_per_epoch:
-            return self
-        return replace(self, epoch=self.epoch + 1, batches_in_epoch=0)
-
-
-@dataclass
-class Resume:
-    """A verified checkpoint to continue from."""
-
-    path: str
-    progress: Progress
-    run_id: str
-    config: dict
-    data_fingerprint: str
-    world_size: int  # processes that saved it
-    forked_from: dict | None = None  # the run a fork began from (its checkpoint, run id and step)
-    resumed_by: int | None = None  # processes that resume it (set by adapt_to_world_size)
-
-    @property
-    def global_batch(self) -> int:
-        """Sequences per optimizer step when it was saved."""
-        return self.world_size * self.config["batch_size"] * self.config["grad_accum"]
 
 
 def step_dir(output_dir: str, step: int) -> str:
@@ -102,16 +63,18 @@ def step_dir(output_dir: str, step: int) -> str:
 
 # ----------------------------------------------------------------------------- saving
 
-def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, scheduler, progress: Progress,
-         rank_state: dict, run_id: str, data_fingerprint: str, val_loss: float | None,
-         forked_from: dict | None = None) -> float:
-    """Write a complete checkpoint at `path` on every rank, then apply retention; returns seconds taken.
+def save(accelerator, output_dir: str, step: int, *, model, optimizer, scheduler, rank_state: dict, record: dict,
+         keep_last: int, keep_best: bool) -> tuple[str, float]:
+    """Write a complete checkpoint of optimizer step `step` on every rank, then apply retention (`keep_last`,
+    `keep_best`: see apply_retention); returns its folder and the seconds taken.
 
-    `val_loss` (the evaluation at this step, if any) is recorded for `keep_best`.
+    `record` (JSON-ready) becomes trainer_state.json; its `val_loss` (this step's evaluation, or None) ranks the
+    checkpoint for `keep_best`.
     """
+    path = step_dir(output_dir, step)
     began = time.perf_counter()
     if shared_from_main(accelerator, _complete_or_cleared(path) if accelerator.is_main_process else None):
-        return 0.0  # this very state is saved already (a stop request right after resuming from it)
+        return path, 0.0  # this very state is saved already (a stop request right after resuming from it)
     state = gather_weights(accelerator, model)  # every rank takes part (shards are gathered)
     # keyed by parameter name, whole: loadable with or without FSDP, on any number of processes
     optimizer_state = sharding.full_optimizer_state(_training_module(accelerator, model), optimizer)
@@ -128,11 +91,9 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
                 written.append(_save_torch(scheduler.state_dict(), path, "scheduler.pt"))
                 if accelerator.scaler is not None:  # fp16's loss scale
                     written.append(_save_torch(accelerator.scaler.state_dict(), path, "scaler.pt"))
-                trainer_state = {"progress": asdict(progress), "run_id": run_id, "forked_from": forked_from,
-                                 "config": cfg.to_dict(),
-                                 "data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
-                                 "sharded": sharding.is_sharded(model), "val_loss": val_loss}  # sharded: for the record
-                written.append(_write_json(os.path.join(path, STATE), trainer_state))
+                trainer_state = {**record, "world_size": accelerator.num_processes,
+                                 "sharded": sharding.is_sharded(model)}  # sharded: for the record
+                written.append(write_json(os.path.join(path, STATE), trainer_state, indent=1))
             for file in written:
                 _fsync(file)
     except StorageError as error:
@@ -143,20 +104,20 @@ def save(accelerator, path: str, cfg: TrainConfig, *, model, optimizer, schedule
         try:
             with writing(path):
                 others = [f"rank_{rank:05d}.pt" for rank in range(1, accelerator.num_processes)]
-                write_manifest(path, [os.path.basename(file) for file in written] + others, progress.step)
+                write_manifest(path, [os.path.basename(file) for file in written] + others, step)
                 _fsync(os.path.dirname(path))
-            apply_retention(os.path.dirname(path), cfg.keep_last, cfg.keep_best)
+            apply_retention(os.path.dirname(path), keep_last, keep_best)
         except StorageError as error:
             failure = error
     agree_on_writes(accelerator, failure, path, remove_partial)
-    return time.perf_counter() - began
+    return path, time.perf_counter() - began
 
 
 def write_manifest(path: str, names: list[str], step: int) -> None:
     """Hash the files `names` of the checkpoint folder `path` into its manifest, the file that completes it."""
     files = {name: {"size": os.path.getsize(os.path.join(path, name)), "sha256": _sha256(os.path.join(path, name))}
              for name in sorted(names)}
-    _fsync(_write_json(os.path.join(path, MANIFEST), {"files": files, "step": step}))
+    _fsync(write_json(os.path.join(path, MANIFEST), {"files": files, "step": step}, indent=1))
     _verified[os.path.realpath(path)] = _stamp(path, files)
 
 
@@ -168,7 +129,7 @@ def apply_retention(folder: str, keep_last: int, keep_best: bool) -> list[str]:
     Incomplete or corrupted folders older than the newest complete checkpoint are leftovers of killed
     saves and go too; newer ones are left for the save of their step to replace.
     """
-    entries = sorted(_step_folders(folder), reverse=True)
+    entries = sorted(step_folders(folder), reverse=True)
     # verified newest first and only as far as needed: hashing a checkpoint takes as long as reading it
     complete = list(itertools.islice(((step, path) for step, path in entries if _is_complete(path)), keep_last))
     if not complete:
@@ -184,239 +145,36 @@ def apply_retention(folder: str, keep_last: int, keep_best: bool) -> list[str]:
     return doomed
 
 
-# ----------------------------------------------------------------------------- finding and loading
+# ----------------------------------------------------------------------------- verifying and loading
 
-def refuse_changes(saved: dict, cfg: TrainConfig, where: str, label: str, fix: str = "") -> None:
-    """ConfigError naming every training setting of `cfg` that differs from `saved` (run-control fields may).
-
-    `fix` replaces the default advice (relaunch with the saved values, or start a new output_dir).
-    """
-    now = cfg.to_dict()
-    changed = [f"{k} ({label} {saved.get(k)!r}, now {now[k]!r})" for k in now
-               if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and saved.get(k) != now[k]]
-    if changed:
-        raise ConfigError(f"this relaunch differs from {where} in {'; '.join(changed)}: "
-                          f"{fix or 'relaunch with its values, or start a new output_dir'}")
-
-
-def finished(cfg: TrainConfig) -> bool:
-    """True when output_dir holds a completed run (final/ export written) of this same config.
-
-    A completed run relaunched with other settings is refused, and the refusal prints the command that
-    trains on from its final weights in a new output_dir (with `init_from`).
-    """
-    try:
-        with open(os.path.join(cfg.output_dir, "run.json")) as f:
-            status = json.load(f).get("status")
-    except (OSError, ValueError):
-        return False
-    if status != "completed" or not os.path.exists(os.path.join(cfg.output_dir, "final", "model.safetensors")):
-        return False
-    final = os.path.join(cfg.output_dir, "final")
-    command = relaunch_command(init_from=final, output_dir=_unused_folder(f"{cfg.output_dir.rstrip(os.sep)}-continued"))
-    refuse_changes(_finished_config(cfg.output_dir), cfg, f"the finished run in {cfg.output_dir}", "finished run",
-                   fix=f"relaunch with its values, or train on from its final weights in a new run (a new optimizer, "
-                       f"lr schedule and step count) with: {command}")
-    return True
-
-
-def _finished_config(output_dir: str) -> dict:
-    """The config.yaml of a finished run, or a ConfigError naming the file and the fix."""
-    path = os.path.join(output_dir, "config.yaml")
-    fix = (f"restore it, or delete {os.path.join(output_dir, 'run.json')} and relaunch: the run is then checked "
-           "against its last checkpoint and completed again, writing a new config.yaml")
-    try:
-        with open(path) as f:
-            saved = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"the finished run in {output_dir} has no readable {path} ({e.strerror}): {fix}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"the finished run's {path} is not valid YAML ({' '.join(str(e).split())}): {fix}") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"the finished run's {path} holds a {type(saved).__name__}, not a mapping of field: value: "
-                          f"{fix}")
-    return upgrade_saved(saved)
-
-
-def relaunch_command(**flags: str) -> str:
-    """The command that launched this process, with `flags` set (replacing any given), shell-quoted.
-
-    Under a launcher (torchrun, accelerate launch) this is the launcher's own command line, read from the
-    parent process, so that the printed command starts the same processes; otherwise python and the script.
-    """
-    args = _without_flags(sys.argv[1:], flags)
-    for name, value in flags.items():
-        args += [f"--{name}", value]
-    return shlex.join([*_launcher_prefix(), *args])
-
-
-def _launcher_prefix() -> list[str]:
-    """Everything of this process's command before the training flags."""
-    flags = sys.argv[1:]
-    typed = _before(sys.orig_argv, flags)  # `-m lmdist.train`, `lmdist train`: there argv[0] is the module's file
-    own = [sys.executable, *typed[1:]] if typed and len(typed) > 1 else [sys.executable, sys.argv[0]]
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
-        return own
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            parent = [a.decode() for a in f.read().split(b"\0")[:-1]]
-    except OSError:
-        return own
-    return _before(parent, flags) or own  # the launcher's command, when it passed the flags on
-
-
-def _before(command: list[str], flags: list[str]) -> list[str] | None:
-    """`command` less the `flags` it ends with; None when it does not end with them."""
-    cut = len(command) - len(flags)
-    return command[:cut] if cut > 0 and command[cut:] == flags else None
-
-
-def _without_flags(argv: list[str], names) -> list[str]:
-    """`argv` less every `--name value` and `--name=value` of `names`."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg.startswith("--") and arg[2:].split("=", 1)[0] in names:
-            skip = "=" not in arg
-        else:
-            kept.append(arg)
-    return kept
-
-
-def _unused_folder(path: str) -> str:
-    """`path`, or `path-2`, `path-3` ... : the first that does not exist yet."""
-    candidate, n = path, 1
-    while os.path.exists(candidate):
-        n += 1
-        candidate = f"{path}-{n}"
-    return candidate
-
-
-def find_resume(cfg: TrainConfig, warn) -> Resume | None:
-    """The checkpoint this launch continues from, verified; None for a fresh start.
-
-    `resume=auto` takes the newest complete checkpoint and skips torn or corrupted ones (warning with
-    `warn`); `resume=never` refuses an output_dir that already holds a run; an explicit path must be complete.
-    A fork (an explicit checkpoint of another run) that already saved checkpoints of its own continues from
-    them: relaunching its first command continues the fork, as for any run.
-    """
-    if cfg.resume == "never":
-        used = [n for n in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(cfg.output_dir, n))]
-        if used:
-            raise ConfigError(f"--resume never: {cfg.output_dir} already holds a run ({', '.join(used)}); "
-                              "choose a new output_dir, or use --resume auto to continue it")
-        return None
-    if cfg.resume != "auto" and is_own_checkpoint(cfg.resume, cfg.output_dir):
-        return _resume_from(cfg.resume)
-    own = None
-    for _, path in sorted(_step_folders(os.path.join(cfg.output_dir, "checkpoints")), reverse=True):
-        try:
-            own = _resume_from(path)
-            break
-        except CheckpointError as e:
-            warn(f"warning: skipping checkpoint {path}: {e}")
-    if cfg.resume == "auto":
-        return own
-    if own is not None:  # a fork relaunched with its first command: it continues the fork, not its source
-        warn(f"continuing this run from its own newest checkpoint {own.path}; --resume {cfg.resume} is where it "
-             "began")
-        return own
-    return _resume_from(cfg.resume)
-
-
-def is_own_checkpoint(checkpoint_path: str, output_dir: str) -> bool:
-    """Whether a checkpoint folder is one of output_dir's own (output_dir/checkpoints/step_N), not a fork's source."""
-    return os.path.dirname(os.path.dirname(os.path.realpath(checkpoint_path))) == os.path.realpath(output_dir)
-
-
-def check_compatible(resume: Resume, cfg: TrainConfig) -> None:
-    """Refuse to continue a checkpoint with different training settings.
-
-    batch_size and grad_accum may differ where the global batch is the same (adapt_to_world_size chose them).
-    """
-    saved, processes = resume.config, resume.resumed_by or resume.world_size
-    if processes * cfg.batch_size * cfg.grad_accum == resume.global_batch:
-        saved = {**saved, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
-    refuse_changes(saved, cfg, f"the checkpoint {resume.path}", "checkpoint")
-
-
-def adapt_to_world_size(resume: Resume, cfg: TrainConfig, world_size: int, say) -> tuple[Resume, TrainConfig]:
-    """The checkpoint and config that continue `resume` on `world_size` processes with the same global batch.
-
-    The global batch (processes x batch_size x grad_accum sequences) and the data position, counted in
-    sequences, carry over. On another number of processes, or with another batch_size, grad_accum absorbs
-    the change; where no whole grad_accum keeps the global batch, that is an error listing the batch_sizes
-    that would.
-    """
-    resume = replace(resume, resumed_by=world_size)
-    saved_batch = resume.config["batch_size"]
-    if (world_size, cfg.batch_size) == (resume.world_size, saved_batch):
-        return resume, cfg
-    if cfg.streaming:
-        raise ConfigError(f"the checkpoint {resume.path} streamed its data over {resume.world_size} processes x "
-                          f"batch_size {saved_batch}, each process with its own part of the stream: relaunch on "
-                          f"{resume.world_size} processes with batch_size {saved_batch}")
-    global_batch, per_micro_step = resume.global_batch, world_size * cfg.batch_size
-    if global_batch % per_micro_step:
-        where = (f"the checkpoint {resume.path} trained with a global batch of {global_batch} sequences "
-                 f"({resume.world_size} processes x batch_size {saved_batch} x grad_accum "
-                 f"{resume.config['grad_accum']}); {world_size} processes x batch_size {cfg.batch_size} cannot keep it "
-                 "with a whole grad_accum")
-        if global_batch % world_size:
-            raise ConfigError(f"{where}, nor can any batch_size: relaunch on a number of processes that divides "
-                              f"{global_batch}, e.g. {resume.world_size}")
-        per_process = global_batch // world_size
-        fits = [str(b) for b in range(1, per_process + 1) if per_process % b == 0]
-        raise ConfigError(f"{where}: relaunch with a batch_size that divides {per_process} ({', '.join(fits)}; "
-                          f"grad_accum follows), or on {resume.world_size} processes")
-    grad_accum = global_batch // per_micro_step
-    # the data position is kept in global micro-batches of the old size: convert it to the new size
-    old_micro_batch = resume.world_size * saved_batch
-    progress = replace(resume.progress,
-                       batches_in_epoch=resume.progress.batches_in_epoch * old_micro_batch // per_micro_step)
-    say(f"resuming a checkpoint of {resume.world_size} processes x batch_size {saved_batch} on {world_size} x "
-        f"{cfg.batch_size}: grad_accum {resume.config['grad_accum']} -> {grad_accum} keeps the global batch of "
-        f"{global_batch} sequences; dropout draws will differ from an uninterrupted run")
-    return replace(resume, progress=progress), replace(cfg, grad_accum=grad_accum)
-
-
-def check_within(resume: Resume, total_steps: int) -> None:
-    """Refuse a checkpoint past the run's end: continuing it would train beyond total_steps."""
-    if resume.progress.step > total_steps:
-        raise CheckpointError(f"the checkpoint {resume.path} is at step {resume.progress.step}, past this run's "
-                              f"{total_steps} total steps (an older lmdist trained past the end): resume an "
-                              "earlier checkpoint with --resume <its folder>, or start a new output_dir")
-
-
-def check_same_data(resume: Resume, data_fingerprint: str) -> None:
-    """Refuse to continue a checkpoint on different data or a different tokenizer."""
-    if data_fingerprint != resume.data_fingerprint:
-        raise ConfigError(f"the data or tokenizer differ from the checkpoint {resume.path} (fingerprint "
-                          f"{resume.data_fingerprint}, now {data_fingerprint}): restore them, or start a new "
-                          "output_dir")
-
-
-def load(accelerator, resume: Resume, *, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns this rank's saved extra state."""
+def load(accelerator, path: str, *, model, optimizer, scheduler) -> list[dict]:
+    """Restore model, optimizer, scheduler and this rank's RNG from the complete checkpoint `path`; returns the
+    saved `rank_state`s this rank takes over: its own on as many processes as saved, otherwise (where the ranks
+    no longer match) every saved rank's on rank zero and none elsewhere."""
     # Every rank reads the full state and keeps what it holds (its shards under FSDP).
     module = _training_module(accelerator, model)
-    weights = _with_tied_copies(module, load_file(os.path.join(resume.path, "model.safetensors")))
-    sharding.load_full_state(module, optimizer, weights, _load_torch(resume.path, "optimizer.pt"))
-    scheduler.load_state_dict(_load_torch(resume.path, "scheduler.pt"))
-    if accelerator.scaler is not None and os.path.exists(os.path.join(resume.path, "scaler.pt")):
-        accelerator.scaler.load_state_dict(_load_torch(resume.path, "scaler.pt"))
-    rank = accelerator.process_index
-    if accelerator.num_processes == resume.world_size:
-        rank_state = _load_torch(resume.path, f"rank_{rank:05d}.pt")
+    weights = _with_tied_copies(module, load_file(os.path.join(path, "model.safetensors")))
+    sharding.load_full_state(module, optimizer, weights, _load_torch(path, "optimizer.pt"))
+    scheduler.load_state_dict(_load_torch(path, "scheduler.pt"))
+    if accelerator.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
+        accelerator.scaler.load_state_dict(_load_torch(path, "scaler.pt"))
+    rank, saved_world_size = accelerator.process_index, read_state(path)["world_size"]
+    if accelerator.num_processes == saved_world_size:
+        rank_state = _load_torch(path, f"rank_{rank:05d}.pt")
         _set_rng_state(rank_state.pop("rng"))
-        return rank_state
-    # Another world size: RNG states only for ranks that existed; every unlogged metric sum goes to rank 0.
-    saved = [_load_torch(resume.path, f"rank_{r:05d}.pt") for r in range(resume.world_size)]
-    if rank < resume.world_size:
+        return [rank_state]
+    # Another world size: RNG states only for ranks that existed
+    saved = [_load_torch(path, f"rank_{r:05d}.pt") for r in range(saved_world_size)]
+    if rank < saved_world_size:
         _set_rng_state(saved[rank]["rng"])
-    meter = sum(s["meter"] for s in saved) if rank == 0 else torch.zeros_like(saved[0]["meter"])
-    return {"meter": meter}
+    return [{k: v for k, v in state.items() if k != "rng"} for state in saved] if rank == 0 else []
+
+
+def read_state(path: str) -> dict:
+    """The trainer_state.json of the checkpoint `path`, once `verify` found the checkpoint complete."""
+    verify(path)
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f)
 
 
 def load_weights(module: torch.nn.Module, file: str) -> dict:
@@ -441,10 +199,11 @@ def init_weights(module: torch.nn.Module, folder: str) -> str:
 def _weights_origin(folder: str) -> str:
     """The step and run a checkpoint or a final/ export holds the weights of, where its records say."""
     try:
-        if os.path.exists(os.path.join(folder, STATE)):  # a checkpoint
+        if os.path.exists(os.path.join(folder, STATE)):  # a checkpoint: its manifest's step, its record's run
+            with open(os.path.join(folder, MANIFEST)) as f:
+                step = json.load(f)["step"]
             with open(os.path.join(folder, STATE)) as f:
-                state = json.load(f)
-            return f"checkpoint at step {state['progress']['step']} of run {state['run_id']}"
+                return f"checkpoint at step {step} of run {json.load(f)['run_id']}"
         with open(os.path.join(folder, os.pardir, "run.json")) as f:  # a final/ export inside its run's output_dir
             run = json.load(f)
         return f"final weights of run {run['run_id']}, {run.get('status')} at step {run.get('step')}"
@@ -549,14 +308,6 @@ def _complete_or_cleared(path: str) -> bool:
     shutil.rmtree(path, ignore_errors=True)
     return False
 
-def _resume_from(path: str) -> Resume:
-    verify(path)
-    with open(os.path.join(path, STATE)) as f:
-        state = json.load(f)
-    return Resume(path, Progress(**state["progress"]), state["run_id"], upgrade_saved(state["config"]),
-                  state["data_fingerprint"], state["world_size"], state.get("forked_from"))
-
-
 def _recorded_val_loss(path: str) -> float | None:
     try:
         with open(os.path.join(path, STATE)) as f:
@@ -565,7 +316,7 @@ def _recorded_val_loss(path: str) -> float | None:
         return None
 
 
-def _step_folders(folder: str) -> list[tuple[int, str]]:
+def step_folders(folder: str) -> list[tuple[int, str]]:
     if not os.path.isdir(folder):
         return []
     found = []
@@ -596,10 +347,6 @@ def _load_torch(folder: str, name: str):
     except Exception as e:  # noqa: BLE001 -- the unpickler refuses anything but tensors and plain values
         raise CheckpointError(f"{path} holds something other than tensors and plain values; refusing to load it "
                               f"({type(e).__name__})") from None
-
-
-def _write_json(path: str, data: dict) -> str:
-    return write_json(path, data, indent=1)
 
 
 def _fsync(path: str) -> None:

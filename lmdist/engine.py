@@ -25,7 +25,7 @@ from lmdist.models import build_model
 T = TypeVar("T")
 
 
-def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Accelerator:
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for this launch: CPU/gloo without an accelerator, the launcher's world size verified."""
     launch.check_launcher_env()
     launch.tune_host_allocator()
@@ -42,7 +42,6 @@ def build_accelerator(cfg: TrainConfig, log_with: list | None = None) -> Acceler
             # split_batches tells Accelerate so, and its LR scheduler then steps once per optimizer step
             # whatever the world size.
             dataloader_config=DataLoaderConfiguration(split_batches=True),
-            log_with=log_with,
             project_dir=cfg.output_dir,
         )
     except ValueError as e:  # e.g. fp16 asked for on a device without it

@@ -27,9 +27,24 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EI
 
 
 class LmdistError(Exception):
-    """An error with a message written for the user; `exit_code` is the process exit status."""
+    """An error with a message written for the user, reported as `lmdist: <label>: <message>`; `exit_code` is the
+    process exit status and `status` run.json's."""
 
     exit_code = EXIT_BAD_INPUT
+    status = "failed"
+    label = "error"
+
+
+class UnexpectedError(Exception):
+    """Any other exception as a run reports it: a bug, so run.json says failed with Python's own exit status for an
+    uncaught exception, and `error`, the original, keeps its traceback."""
+
+    exit_code = 1
+    status = "failed"
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error) or type(error).__name__)
+        self.error = error
 
 
 class ConfigError(LmdistError):
@@ -54,7 +69,7 @@ class StorageError(LmdistError):
     @classmethod
     def writing(cls, path: str | None, error: BaseException) -> StorageError:
         cause = os_error_of(error)
-        what = f"[Errno {cause.errno}] {cause.strerror}" if cause else str(error)
+        what = os_error_text(cause) if cause else str(error)
         return cls(f"cannot write {path or 'a file'}: {what}; free space or fix the filesystem, then relaunch the "
                    "same command: it continues from the last complete checkpoint")
 
@@ -76,14 +91,26 @@ def os_error_of(error: BaseException) -> OSError | None:
     return None
 
 
-def as_user_error(error: BaseException) -> BaseException:
-    """`error` as the user should see it: a storage refusal that escaped unconverted becomes a StorageError."""
+def os_error_text(error: OSError) -> str:
+    """'[Errno 28] No space left on device': an OSError's number and reason, without the filename it may carry."""
+    return f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message ('' for none): a library's multi-line message, kept to one console line."""
+    text = str(error)
+    return text.splitlines()[0] if text else ""
+
+
+def as_user_error(error: BaseException) -> LmdistError | UnexpectedError:
+    """`error` as the command reports it: an LmdistError (a storage refusal that escaped unconverted becomes a
+    StorageError), else an UnexpectedError around it."""
     if isinstance(error, LmdistError):
         return error
     cause = os_error_of(error)
     if cause is not None and cause.errno in STORAGE_ERRNOS:
         return StorageError.writing(cause.filename, cause)
-    return error
+    return UnexpectedError(error)
 
 
 def run_cli(main: Callable[[], object]) -> None:
@@ -107,11 +134,11 @@ def run_cli(main: Callable[[], object]) -> None:
         raise
     except Exception as raised:
         error = as_user_error(raised)
-        if not isinstance(error, LmdistError):
+        if isinstance(error, UnexpectedError):
             raise
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
-        say_whole_line(f"lmdist: {getattr(error, 'label', 'error')}: {where}{error}")
+        say_whole_line(f"lmdist: {error.label}: {where}{error}")
         _close_process_group()
         sys.exit(error.exit_code)
 

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-from lmdist.errors import ConfigError, LmdistError, StorageError, os_error_of
+from lmdist.errors import ConfigError, LmdistError, StorageError, os_error_of, os_error_text
 
 
 def _read_umask() -> int:
@@ -56,16 +56,23 @@ def writing(path: str, *leftovers: str) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_open(path: str, mode: str = "w") -> Iterator:
-    """A file object whose contents replace `path` when the block ends (see the module's contract)."""
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary name to write to, moved onto `path` when the block ends (see the module's contract): for
+    libraries that write a file by its name (safetensors, tokenizers)."""
     tmp = f"{path}.tmp"
     with writing(path, tmp):
-        with open(tmp, mode) as f:
-            yield f
+        yield tmp
         os.replace(tmp, path)
 
 
-def write_json(path: str, data: dict, indent: int = 2) -> str:
+@contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator:
+    """A file object whose contents replace `path` when the block ends (see the module's contract)."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def write_json(path: str, data: dict, indent: int | None = 2) -> str:
     with atomic_open(path) as f:
         json.dump(data, f, indent=indent, default=str)
         f.write("\n")
@@ -97,11 +104,9 @@ def save_torch(obj, path: str) -> str:
 def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> str:
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp"
-    with writing(path, tmp):
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, file_mode())  # safetensors creates its file 0600
-        os.replace(tmp, path)
     return path
 
 
@@ -141,9 +146,5 @@ def make_output_dir(path: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as error:
-        raise ConfigError(f"--output_dir {path} is not a writable folder ({_os_error_text(error)}): fix it, or "
+        raise ConfigError(f"--output_dir {path} is not a writable folder ({os_error_text(error)}): fix it, or "
                           "choose another output_dir") from None
-
-
-def _os_error_text(error: OSError) -> str:
-    return f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)

@@ -34,9 +34,7 @@ def open_saved(folder: str) -> Saved:
     """Find the weights, tokenizer and run config of a checkpoint or final/ folder."""
     folder = os.path.normpath(folder)
     if os.path.exists(os.path.join(folder, checkpoint.STATE)):  # a training checkpoint
-        checkpoint.verify(folder)
-        with open(os.path.join(folder, checkpoint.STATE)) as f:
-            values = json.load(f)["config"]
+        values = checkpoint.read_state(folder)["config"]
         tokenizer_dir = os.path.join(folder, "..", "..", "tokenizer")
     elif os.path.exists(os.path.join(folder, "config.json")):  # a final/ export
         run_config = os.path.join(folder, "..", "config.yaml")

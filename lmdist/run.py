@@ -32,6 +32,17 @@ from lmdist.models import build_model, count_parameters
 from lmdist.models.memory import check_attention_memory
 from lmdist.optim import build_optimizer, build_scheduler, lr_at
 from lmdist.profiling import StepProfiler
+from lmdist.resume import (
+    Progress,
+    Resume,
+    adapt_to_world_size,
+    check_compatible,
+    check_same_data,
+    check_within,
+    checkpoint_record,
+    find_resume,
+    finished,
+)
 from lmdist.schedule import Plan
 from lmdist.stopping import StopGuard, Stopped, requeue_slurm_job
 
@@ -39,10 +50,10 @@ from lmdist.stopping import StopGuard, Stopped, requeue_slurm_job
 class Run:
     """The parts of one launch the loop uses, and the bookkeeping around its steps."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, plan: Plan, progress: checkpoint.Progress, corpus,
+    def __init__(self, cfg: TrainConfig, accelerator, plan: Plan, progress: Progress, corpus,
                  model, optimizer, scheduler, loss_fn, train_set, train_loader, val_loader,
                  train_meter: TokenMeter, throughput: perf.Throughput, facts: dict, run_id: str,
-                 forked_from: dict | None, resume: checkpoint.Resume | None, n_params: int):
+                 forked_from: dict | None, resume: Resume | None, n_params: int):
         self.cfg, self.accelerator, self.plan, self.progress, self.corpus = cfg, accelerator, plan, progress, corpus
         self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
         self.train_set, self.train_loader, self.val_loader = train_set, train_loader, val_loader
@@ -64,7 +75,7 @@ class Run:
             self.log.print(warning)
         if self.resume:
             self.log.print(f"resumed from {self.resume.path}: step {resumed.step}, epoch {resumed.epoch}, "
-                           f"batch {resumed.batches_in_epoch} of that epoch")
+                           f"batch {resumed.micro_batches_in_epoch} of that epoch")
             if resumed.step == self.plan.total_steps:  # stopped during its last step, or run.json lost: export only
                 self.log.print(f"the checkpoint is the run's last step ({self.plan.total_steps}): nothing left to "
                                "train")
@@ -85,10 +96,10 @@ class Run:
         """`epoch`'s (inputs, targets) micro-batches in a fresh seeded order, up to the end of the run; a resumed
         epoch leaves out those it already trained on. Timed: the wait for each batch counts as data time."""
         progress = self.progress
-        skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+        skip = progress.micro_batches_in_epoch if epoch == progress.epoch else 0
         if not self.cfg.streaming:  # a stream has no epochs: its position is part of its state
             self.train_loader.set_epoch(epoch, skip)
-        progress.epoch, progress.batches_in_epoch = epoch, skip
+        progress.epoch, progress.micro_batches_in_epoch = epoch, skip
         left_in_run = (self.plan.total_steps - progress.step) * self.cfg.grad_accum
         return itertools.islice(self.throughput.timed(self.train_loader), left_in_run)
 
@@ -101,7 +112,7 @@ class Run:
     def micro_step_done(self) -> bool:
         """Count a micro-batch through forward and backward; True when it completed an optimizer step."""
         self.progress.micro_step += 1
-        self.progress.batches_in_epoch += 1
+        self.progress.micro_batches_in_epoch += 1
         if not self.accelerator.sync_gradients:
             return False
         self.guard.after_step(self.optimizer)
@@ -134,17 +145,16 @@ class Run:
         """Save this step's complete checkpoint (every rank takes part), outside tokens/s; returns its folder.
 
         `val_loss`, this step's evaluation if there was one, is what `keep_best` compares."""
-        path = checkpoint.step_dir(self.cfg.output_dir, self.progress.step)
         rank_state = {"meter": self.train_meter.sums}  # the metric sums not logged yet
         if self.cfg.streaming:
             rank_state["stream"] = self.train_set.state()
+        record = checkpoint_record(self.cfg, self.progress.normalized(self.plan.steps_per_epoch * self.cfg.grad_accum),
+                                   run_id=self.run_id, forked_from=self.forked_from,
+                                   data_fingerprint=self.corpus.fingerprint, val_loss=val_loss)
         with self.throughput.paused():
-            seconds = checkpoint.save(
-                self.accelerator, path, self.cfg, model=self.model, optimizer=self.optimizer,
-                scheduler=self.scheduler, rank_state=rank_state,
-                progress=self.progress.normalized(self.plan.steps_per_epoch * self.cfg.grad_accum),
-                run_id=self.run_id, forked_from=self.forked_from,
-                data_fingerprint=self.corpus.fingerprint, val_loss=val_loss)
+            path, seconds = checkpoint.save(self.accelerator, self.cfg.output_dir, self.progress.step, model=self.model,
+                                            optimizer=self.optimizer, scheduler=self.scheduler, rank_state=rank_state,
+                                            record=record, keep_last=self.cfg.keep_last, keep_best=self.cfg.keep_best)
         self.log.checkpoint_saved(path, seconds)
         return path
 
@@ -174,18 +184,18 @@ class Run:
 def setup(cfg: TrainConfig) -> Run | None:
     """Everything one launch trains with, or None when output_dir holds this very run, finished."""
     streaming.check_streaming_config(cfg)
-    accelerator = engine.build_accelerator(cfg, log_with=tracking.make_trackers(cfg))
+    accelerator = engine.build_accelerator(cfg)
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
                            int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-    if cfg.resume == "auto" and checkpoint.finished(cfg):
+    if cfg.resume == "auto" and finished(cfg):
         accelerator.print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do")
         return None
-    resume = checkpoint.find_resume(cfg, warn=accelerator.print)  # the newest complete checkpoint, verified
+    resume = find_resume(cfg, say=accelerator.print)  # the newest complete checkpoint, verified
     if resume:  # the same global batch on another number of processes or batch_size adjusts grad_accum
-        resume, cfg = checkpoint.adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
+        resume, cfg = adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
         accelerator.gradient_accumulation_steps = cfg.grad_accum
-        checkpoint.check_compatible(resume, cfg)
+        check_compatible(resume, cfg)
     peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
@@ -193,7 +203,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     corpus = data.load_corpus(cfg, lambda build: engine.main_process_first(accelerator, build),
                               accelerator.is_main_process, reuse_tokenizer=resume is not None)
     if resume:
-        checkpoint.check_same_data(resume, corpus.fingerprint)
+        check_same_data(resume, corpus.fingerprint)
     workers = engine.dataloader_workers(cfg, accelerator.device)
     val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
     val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator, cfg.eval_batches, workers)
@@ -207,7 +217,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
         train_loader = data.train_loader(train_set, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator, workers)
     if resume:
-        checkpoint.check_within(resume, plan.total_steps)
+        check_within(resume, plan.total_steps)
 
     # The model, and what trains it.
     model = build_model(cfg, corpus.tokenizer.vocab_size)
@@ -225,12 +235,13 @@ def setup(cfg: TrainConfig) -> Run | None:
     # Where training stands: fresh, or exactly as the checkpoint saved it.
     train_meter = TokenMeter(accelerator.device)
     throughput = perf.Throughput(plan.tokens_per_step, flops_per_token, peak, accelerator.num_processes)
-    progress, (run_id, forked_from) = checkpoint.Progress(), tracking.run_identity(resume, cfg.output_dir)
+    progress, (run_id, forked_from) = Progress(), tracking.run_identity(resume, cfg.output_dir)
     if resume:  # model, optimizer, scheduler, RNG, unlogged metric sums and stream position
-        rank_state = checkpoint.load(accelerator, resume, model=model, optimizer=optimizer, scheduler=scheduler)
-        train_meter.sums = rank_state["meter"].to(accelerator.device)
-        if cfg.streaming:
-            train_set.load_state(rank_state["stream"])
+        inherited = checkpoint.load(accelerator, resume.path, model=model, optimizer=optimizer, scheduler=scheduler)
+        if inherited:  # on another number of processes, rank zero takes over every saved rank's unlogged sums
+            train_meter.sums = sum(state["meter"] for state in inherited).to(accelerator.device)
+        if cfg.streaming:  # on as many processes as saved
+            train_set.load_state(inherited[0]["stream"])
         progress = resume.progress
 
     facts = {**tracking.run_facts(accelerator, plan, corpus, model, n_params), **throughput.facts(),

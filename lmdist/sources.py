@@ -31,7 +31,7 @@ import numpy as np
 
 from lmdist import corpus
 from lmdist.config import TrainConfig
-from lmdist.errors import DataError
+from lmdist.errors import DataError, first_line
 
 TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT = "text"  # the kind of a plain-text file: any file that is no table and holds no NUL byte in its first bytes
@@ -148,7 +148,7 @@ def load_dataset_dict(spec: str, cfg: TrainConfig, say: Callable[[str], None] = 
         return datasets.load_dataset(spec, cfg.dataset_config, cache_dir=cfg.cache_dir)
     except Exception as e:  # noqa: BLE001 -- the hub client raises many types: connection, not found, config
         raise DataError(f"could not load the hub dataset {spec!r} (config {cfg.dataset_config!r}): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} -- check the name and "
+                        f"{type(e).__name__}: {first_line(e)} -- check the name and "
                         "network, or pass a local file or folder") from None
 
 
@@ -180,7 +180,7 @@ def load_table_files(found: LocalFiles, cfg: TrainConfig):
             cause = cause.__cause__ or cause.__context__
         what = found.files[0] if len(found.files) == 1 else f"one of the {len(found.files)} {found.kind} files"
         raise DataError(f"could not read {what} as {found.kind}: {type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+                        f"{first_line(cause)}") from None
 
 
 def first_invalid_utf8(path: str) -> int | None:

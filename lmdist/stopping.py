@@ -25,10 +25,13 @@ import torch.distributed as dist
 from lmdist.errors import EXIT_STOPPED, LmdistError
 
 EXIT_NONFINITE = 3
+SIGNAL_LEAD_S = 60  # Slurm's default time between --signal and the kill: a save must fit in it
 MAX_SKIPPED_STEPS = 20  # fp16: the scaler skips overflowing steps; this many in a row means divergence
 
 
 class NonFiniteError(LmdistError):
+    """A NaN or inf in the loss or the gradient norm: nothing non-finite was saved."""
+
     exit_code = EXIT_NONFINITE
     status = "non-finite"
 

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from lmdist.errors import DataError
-from lmdist.files import atomic_open, writing
+from lmdist.files import atomic_path, write_json
 
 UNK, EOS = "<unk>", "<eos>"
 META_FILE = "lmdist_tokenizer.json"
@@ -122,10 +122,8 @@ class HFTokenizer:
 
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "tokenizer.json")
-        with writing(path, path + ".tmp"):  # a full disk: a StorageError, which every rank is told of
-            self.tok.save(path + ".tmp")
-            os.replace(path + ".tmp", path)
+        with atomic_path(os.path.join(folder, "tokenizer.json")) as tmp:  # a full disk: a StorageError for every rank
+            self.tok.save(tmp)
         _write_meta(folder, {"kind": self.kind, "eos_token": self.eos_token})
 
 
@@ -181,8 +179,7 @@ def _split(kind: str, text: str) -> Iterable[str]:
 
 def _write_meta(folder: str, meta: dict) -> None:
     os.makedirs(folder, exist_ok=True)
-    with atomic_open(os.path.join(folder, META_FILE)) as f:
-        json.dump(meta, f)
+    write_json(os.path.join(folder, META_FILE), meta, indent=None)
 
 
 def _eos_token(folder: str, tok) -> str | None:

@@ -1,8 +1,9 @@
 """What rank zero writes about a run: config.yaml, run.json, metrics.jsonl, W&B, the console.
 
-metrics.jsonl and W&B are Accelerate trackers, so `accelerator.log(row, step=step)` feeds both with
-the same keys. W&B never stops training: if it cannot start online within `wandb_init_timeout`
-seconds, the run logs offline and says so.
+metrics.jsonl and W&B are trackers with Accelerate's protocol (start, store_init_configuration, log,
+finish), built by RunLog on rank zero once the run id and the resumed step are known, and fed the same
+rows with the same keys. W&B never stops training: if it cannot start online within
+`wandb_init_timeout` seconds, the run logs offline and says so.
 """
 from __future__ import annotations
 
@@ -18,37 +19,29 @@ import uuid
 from contextlib import suppress
 from urllib.parse import urlparse
 
-from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
-
 from lmdist import files
-from lmdist.checkpoint import SIGNAL_LEAD_S, is_own_checkpoint
 from lmdist.config import TrainConfig
 from lmdist.data import Corpus
-from lmdist.errors import StorageError, as_user_error
+from lmdist.errors import StorageError, as_user_error, first_line
+from lmdist.resume import is_own_checkpoint
 from lmdist.schedule import Plan
 from lmdist.sharding import is_sharded, local_parameters
+from lmdist.stopping import SIGNAL_LEAD_S
 
 
-class JsonlTracker(GeneralTracker):
+class JsonlTracker:
     """One JSON object per log event in `<output_dir>/metrics.jsonl`.
 
-    A resumed run first cuts the file back to the checkpoint's step, so it reads as one run. Rows are
+    A run resumed at `resume_step` first cuts the file back to that step, so it reads as one run. Rows are
     trusted up to the first line that is not a complete JSON row with a step (a write torn by a kill or a
     full disk): that line and everything after it are dropped, and `repaired` says what was dropped.
     """
 
-    name = "jsonl"
-    requires_logging_directory = False
-    main_process_only = True
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
+    def __init__(self, path: str, resume_step: int | None = None):
+        self.path, self.resume_step = path, resume_step
         self.fd: int | None = None
-        self.resume_step: int | None = None  # set before start() when resuming
         self.repaired: str | None = None  # the warning about a torn tail cut off by start()
 
-    @on_main_process
     def start(self) -> None:
         if self.resume_step is not None and os.path.exists(self.path):
             self._cut_back(self.resume_step)
@@ -80,16 +73,10 @@ class JsonlTracker(GeneralTracker):
         with files.atomic_open(self.path, "wb") as f:
             f.writelines(kept)
 
-    @property
-    def tracker(self):
-        return self.fd
-
-    @on_main_process
     def store_init_configuration(self, values: dict) -> None:
         pass  # the config lives in config.yaml and run.json
 
-    @on_main_process
-    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+    def log(self, values: dict, step: int | None = None) -> None:
         row = memoryview((json.dumps(values) + "\n").encode())
         end = os.lseek(self.fd, 0, os.SEEK_END)
         with files.writing(self.path):
@@ -101,53 +88,48 @@ class JsonlTracker(GeneralTracker):
                     os.ftruncate(self.fd, end)  # a disk-full write leaves no torn row behind
                 raise
 
-    @on_main_process
     def finish(self) -> None:
         os.close(self.fd)
 
 
-class ResilientWandBTracker(WandBTracker):
-    """accelerate's W&B tracker that never stops training.
+class ResilientWandBTracker:
+    """A W&B run (as accelerate's WandBTracker starts it) that never stops training.
 
     An online start gets `timeout` seconds; if it fails, the run logs offline under the same id. If W&B
     cannot start at all, logging to it is switched off. `fell_back` says why, for the console.
     """
 
     def __init__(self, project: str, mode: str, timeout: float, **init_kwargs):
-        super().__init__(project, **init_kwargs)
-        self.mode, self.timeout, self.fell_back, self.run = mode, timeout, None, None
+        self.project, self.mode, self.timeout, self.init_kwargs = project, mode, timeout, init_kwargs
+        self.fell_back, self.run = None, None
 
-    @on_main_process
     def start(self) -> None:
         import wandb
 
         try:
-            self.run = wandb.init(project=self.run_name, mode=self.mode,
+            self.run = wandb.init(project=self.project, mode=self.mode,
                                   settings=wandb.Settings(init_timeout=self.timeout), **self.init_kwargs)
             return
         except Exception as e:  # noqa: BLE001 -- no key, no server, timeout, bad settings: W&B never stops training
-            self.fell_back = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.fell_back = f"{type(e).__name__}: {first_line(e)}"
         wandb.teardown()  # the failed start still holds the run id
         if self.mode == "online":
             try:
-                self.run = wandb.init(project=self.run_name, mode="offline", **self.init_kwargs)
+                self.run = wandb.init(project=self.project, mode="offline", **self.init_kwargs)
                 self.mode = "offline"
                 return
             except Exception as e:  # noqa: BLE001
-                self.fell_back += f"; offline: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self.fell_back += f"; offline: {type(e).__name__}: {first_line(e)}"
         self.mode = "disabled"
 
-    @on_main_process
     def store_init_configuration(self, values: dict) -> None:
         if self.run is not None:
-            super().store_init_configuration(values)
+            self.run.config.update(values, allow_val_change=True)
 
-    @on_main_process
-    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+    def log(self, values: dict, step: int | None = None) -> None:
         if self.run is not None:
-            self.run.log(values, step=step, **kwargs)
+            self.run.log(values, step=step)
 
-    @on_main_process
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
@@ -176,14 +158,13 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def make_trackers(cfg: TrainConfig) -> list[GeneralTracker]:
-    """Trackers for `Accelerator(log_with=...)`: metrics.jsonl always, W&B unless disabled (started by RunLog)."""
-    trackers: list[GeneralTracker] = [JsonlTracker(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+def wandb_tracker(cfg: TrainConfig, run_id: str) -> ResilientWandBTracker | None:
+    """The W&B run of this run id (a resumed run continues its W&B run), or None where W&B is disabled."""
     mode = wandb_mode(cfg)
-    if mode != "disabled":
-        trackers.append(ResilientWandBTracker(cfg.wandb_project, mode, cfg.wandb_init_timeout,
-                                              name=cfg.run_name or _run_name(cfg), dir=cfg.output_dir, resume="allow"))
-    return trackers
+    if mode == "disabled":
+        return None
+    return ResilientWandBTracker(cfg.wandb_project, mode, cfg.wandb_init_timeout, id=run_id,
+                                 name=cfg.run_name or _run_name(cfg), dir=cfg.output_dir, resume="allow")
 
 
 def new_run_id() -> str:
@@ -331,25 +312,27 @@ class RunLog:
         self.facts = {**facts, "run_id": run_id, "resumed_from": resumed.step if resumed else None}
         self.console = Console(accelerator, facts["total_steps"], resumed.step if resumed else 0)
         self.run_json = os.path.join(cfg.output_dir, "run.json")
-        if accelerator.is_main_process:
-            cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
-            files.write_json(self.run_json, {**self.facts, "status": "running"})
-        for tracker in accelerator.log_with:
-            if isinstance(tracker, ResilientWandBTracker):
-                tracker.init_kwargs["id"] = run_id  # a resumed run continues its W&B run
-            if isinstance(tracker, JsonlTracker) and resumed:
-                tracker.resume_step = resumed.step
-        accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), "run": self.facts})
-        wandb_tracker = next((t for t in accelerator.trackers if isinstance(t, ResilientWandBTracker)), None)
-        self.wandb_mode = wandb_tracker.mode if wandb_tracker else "disabled"
-        if wandb_tracker and wandb_tracker.fell_back:
-            then = "logging offline instead" if self.wandb_mode == "offline" else "training goes on without W&B"
-            self.console.print(f"warning: W&B could not start {cfg.wandb_mode if cfg.wandb_mode != 'auto' else ''}"
-                               f"({wandb_tracker.fell_back}); {then}")
-        jsonl = next(t for t in accelerator.log_with if isinstance(t, JsonlTracker))
+        self.trackers, self.wandb_mode = [], "disabled"  # rank zero's
+        if not accelerator.is_main_process:
+            return
+        cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
+        files.write_json(self.run_json, {**self.facts, "status": "running"})
+        jsonl = JsonlTracker(os.path.join(cfg.output_dir, "metrics.jsonl"), resumed.step if resumed else None)
+        wandb_run = wandb_tracker(cfg, run_id)
+        self.trackers = [jsonl, wandb_run] if wandb_run else [jsonl]
+        for tracker in self.trackers:  # as Accelerator.init_trackers: every start, then the config
+            tracker.start()
+        for tracker in self.trackers:
+            tracker.store_init_configuration({**cfg.to_dict(), "run": self.facts})
+        if wandb_run:
+            self.wandb_mode = wandb_run.mode
+            if wandb_run.fell_back:
+                asked = cfg.wandb_mode if cfg.wandb_mode != "auto" else ""
+                then = "logging offline instead" if self.wandb_mode == "offline" else "training goes on without W&B"
+                self.console.print(f"warning: W&B could not start {asked}({wandb_run.fell_back}); {then}")
         if jsonl.repaired:
             self.console.print(jsonl.repaired)
-        if resumed and accelerator.is_main_process:
+        if resumed:
             row = {"step": resumed.step, "micro_step": resumed.micro_step, "resumed_from": resumed.step}
             jsonl.log(row)  # not W&B: step S is there
 
@@ -360,8 +343,7 @@ class RunLog:
         if error is None or self.closed:
             return
         error = as_user_error(error)  # the status and reason the command will report
-        reason = {"status": getattr(error, "status", "failed"), "exit_code": getattr(error, "exit_code", 1),
-                  "reason": str(error) or type(error).__name__}
+        reason = {"status": error.status, "exit_code": error.exit_code, "reason": str(error) or type(error).__name__}
         self.finish(reason)
 
     def print(self, message: str) -> None:
@@ -390,14 +372,17 @@ class RunLog:
                        "leaves by default: ask for more (sbatch --signal=B:USR1@<seconds>)")
 
     def log(self, row: dict) -> None:
-        self.accelerator.log(row, step=row["step"])
+        for tracker in self.trackers:
+            tracker.log(row, step=row["step"])
         self.console.log(row)
 
     def finish(self, summary: dict) -> None:
         """Close the trackers, complete run.json and say where the W&B files are."""
         self.closed = True
         self.console.close()
-        self.accelerator.end_training()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.accelerator.state.destroy_process_group()  # as Accelerator.end_training: the run is over on every rank
         if not self.accelerator.is_main_process:
             return
         if self.wandb_mode == "offline":

@@ -199,7 +199,7 @@ def test_torn_and_truncated_checkpoints_fall_back(reference, resume_data, tmp_pa
     wait_for_step(out, 17, process)
     os.killpg(process.pid, signal.SIGTERM)
     process.communicate(timeout=120)
-    saved = sorted(step for step, _ in checkpoint._step_folders(str(out / "checkpoints")))
+    saved = sorted(step for step, _ in checkpoint.step_folders(str(out / "checkpoints")))
     assert len(saved) == 3  # keep_last 3
     newest, second = (Path(checkpoint.step_dir(str(out), s)) for s in saved[:0:-1])
     (newest / "manifest.json").unlink()  # killed before rank zero wrote the manifest
@@ -230,7 +230,7 @@ def test_nan_on_one_rank_stops_every_rank_and_saves_nothing_non_finite(resume_da
     assert result.returncode != 0
     assert result.stderr.count("non-finite loss at optimizer step 7") == 2, result.stderr[-3000:]
     assert read_run(out)["status"] == "non-finite" and read_run(out)["exit_code"] == 3
-    saved = sorted(step for step, _ in checkpoint._step_folders(str(out / "checkpoints")))
+    saved = sorted(step for step, _ in checkpoint.step_folders(str(out / "checkpoints")))
     assert saved == [5]
     weights = load_file(Path(checkpoint.step_dir(str(out), 5)) / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -339,11 +339,11 @@ def test_resume_exactly_at_an_epoch_boundary(reference, resume_data, tmp_path):
     wait_for_step(out, STEPS_PER_EPOCH + 2, process)
     os.killpg(process.pid, signal.SIGTERM)
     process.communicate(timeout=120)
-    for step, path in checkpoint._step_folders(str(out / "checkpoints")):
+    for step, path in checkpoint.step_folders(str(out / "checkpoints")):
         if step != STEPS_PER_EPOCH:
             shutil.rmtree(path)  # as if the stop had come right after the epoch-end save
     state = json.loads((Path(checkpoint.step_dir(str(out), STEPS_PER_EPOCH)) / "trainer_state.json").read_text())
-    assert (state["progress"]["epoch"], state["progress"]["batches_in_epoch"]) == (1, 0)
+    assert (state["progress"]["epoch"], state["progress"]["micro_batches_in_epoch"]) == (1, 0)
     run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun")
     assert assert_same_as_reference(out, reference) == STEPS_PER_EPOCH
 
@@ -509,7 +509,7 @@ def test_keep_best_evaluates_every_checkpoint_and_keeps_the_lowest(markov_files,
     val = {r["step"]: r["val/loss"] for r in read_metrics(out) if "val/loss" in r}
     assert set(range(2, 7, 2)) <= set(val), "every save step was evaluated"
     best = min(range(2, 7, 2), key=lambda s: val[s])
-    kept = {step for step, _ in checkpoint._step_folders(str(out / "checkpoints"))}
+    kept = {step for step, _ in checkpoint.step_folders(str(out / "checkpoints"))}
     assert best != 6, f"the test needs a run whose best checkpoint is not the newest: {val}"
     assert kept == {6, best}
 

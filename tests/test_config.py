@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from lmdist import checkpoint
+from lmdist import checkpoint, resume
 from lmdist.config import FIELDS, TrainConfig, load_config, markdown_table, parse_args
 from lmdist.errors import ConfigError
 from tests.conftest import REPO, TRAIN
@@ -110,9 +110,9 @@ def test_a_finished_runs_old_config_yaml_still_matches(tmp_path):
     (tmp_path / "run.json").write_text('{"status": "completed"}')
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "model.safetensors").write_bytes(b"")
-    assert checkpoint.finished(cfg)  # the same run: not refused
+    assert resume.finished(cfg)  # the same run: not refused
     with pytest.raises(ConfigError, match=r"bpe_vocab_size \(finished run 300, now 400\)"):
-        checkpoint.finished(parse_args(["--bpe_vocab_size", "400", "--output_dir", str(tmp_path)]))
+        resume.finished(parse_args(["--bpe_vocab_size", "400", "--output_dir", str(tmp_path)]))
     assert parse_args(["--config", str(tmp_path / "config.yaml")]) == cfg  # and it still serves as a --config
     (tmp_path / "both.yaml").write_text("vocab_size: 300\nbpe_vocab_size: 300\n")
     assert "'vocab_size' was renamed 'bpe_vocab_size', and both are given" in error_of(["--config",
@@ -128,10 +128,10 @@ def test_an_old_checkpoints_config_still_matches_on_resume(tmp_path):
     (path / checkpoint.STATE).write_text(json.dumps({"progress": {"step": 5}, "run_id": "r", "config": old_saved(cfg),
                                                      "data_fingerprint": "f", "world_size": 1}))
     checkpoint.write_manifest(str(path), [*os.listdir(path)], 5)
-    resume = checkpoint.find_resume(cfg, warn=print)
-    checkpoint.check_compatible(resume, cfg)  # the same run: not refused
+    found = resume.find_resume(cfg, say=print)
+    resume.check_compatible(found, cfg)  # the same run: not refused
     with pytest.raises(ConfigError, match=r"bpe_vocab_size \(checkpoint 300, now 400\)"):
-        checkpoint.check_compatible(resume, parse_args(["--bpe_vocab_size", "400", "--output_dir", str(tmp_path)]))
+        resume.check_compatible(found, parse_args(["--bpe_vocab_size", "400", "--output_dir", str(tmp_path)]))
 
 
 def test_saved_config_round_trips(tmp_path):

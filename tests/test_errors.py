@@ -17,7 +17,15 @@ import torch
 from lmdist import files
 from lmdist.checkpoint import verify
 from lmdist.config import TrainConfig, parse_args
-from lmdist.errors import EXIT_STOPPED, EXIT_STORAGE, ConfigError, StorageError, as_user_error, os_error_of
+from lmdist.errors import (
+    EXIT_STOPPED,
+    EXIT_STORAGE,
+    ConfigError,
+    StorageError,
+    UnexpectedError,
+    as_user_error,
+    os_error_of,
+)
 from lmdist.models.memory import attention_bytes, check_attention_memory
 from lmdist.tracking import JsonlTracker
 from tests import faults
@@ -175,7 +183,10 @@ def test_storage_errors_buried_by_libraries_are_recognised():
         assert os_error_of(torch_style).errno == errno.ENOSPC
     rust_style = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
     assert isinstance(as_user_error(rust_style), StorageError)
-    assert as_user_error(ValueError("a bug")).__class__ is ValueError, "anything else keeps its traceback"
+    bug = ValueError("a bug")
+    reported = as_user_error(bug)
+    assert isinstance(reported, UnexpectedError) and reported.error is bug, "anything else keeps its traceback"
+    assert (reported.status, reported.exit_code, str(reported)) == ("failed", 1, "a bug")
 
 
 def test_a_full_disk_under_copytree_is_a_storage_error(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from lmdist import checkpoint
 from lmdist.config import TrainConfig
+from lmdist.resume import Progress, checkpoint_record, find_resume
 from tests import wandb_file
 from tests.conftest import TINY_GPT, read_metrics, read_run, run_ok
 
@@ -35,10 +36,10 @@ def training():
 
 def save(training, folder: Path, step: int, keep_last: int = 10) -> str:
     accelerator, model, optimizer, scheduler = training
-    path = checkpoint.step_dir(str(folder), step)
-    checkpoint.save(accelerator, path, TrainConfig(keep_last=keep_last), model=model, optimizer=optimizer,
-                    scheduler=scheduler, progress=checkpoint.Progress(step=step), rank_state={"meter": torch.zeros(3)},
-                    run_id="run", data_fingerprint="data", val_loss=None)
+    record = checkpoint_record(TrainConfig(), Progress(step=step), run_id="run", forked_from=None,
+                               data_fingerprint="data", val_loss=None)
+    path, _ = checkpoint.save(accelerator, str(folder), step, model=model, optimizer=optimizer, scheduler=scheduler,
+                              rank_state={"meter": torch.zeros(3)}, record=record, keep_last=keep_last, keep_best=False)
     return path
 
 
@@ -100,13 +101,25 @@ def test_a_manifest_lists_only_what_this_save_wrote(training, tmp_path):
     checkpoint.verify(str(path))
 
 
+def test_a_checkpoint_of_the_older_format_resumes(training, tmp_path):
+    """trainer_state.json as lmdist wrote it before the data position was renamed `micro_batches_in_epoch`."""
+    path = Path(save(training, tmp_path, 12))
+    state = json.loads((path / checkpoint.STATE).read_text())
+    state["progress"] = {"step": 12, "micro_step": 24, "epoch": 1, "batches_in_epoch": 6, "tokens_seen": 3072}
+    (path / checkpoint.STATE).write_text(json.dumps(state, indent=1))
+    checkpoint.write_manifest(str(path), sorted(json.loads((path / checkpoint.MANIFEST).read_text())["files"]), 12)
+    resume = find_resume(TrainConfig(output_dir=str(tmp_path)), say=print)
+    assert resume.progress == Progress(step=12, micro_step=24, epoch=1, micro_batches_in_epoch=6, tokens_seen=3072)
+    accelerator, model, optimizer, scheduler = training
+    assert checkpoint.load(accelerator, resume.path, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
 # ----------------------------------------------------------------------------- metrics.jsonl, in process
 
 def cut_back(path: Path, step: int):
     from lmdist.tracking import JsonlTracker
 
-    tracker = JsonlTracker(str(path))
-    tracker.resume_step = step
+    tracker = JsonlTracker(str(path), resume_step=step)
     tracker.start()
     tracker.finish()
     return tracker.repaired

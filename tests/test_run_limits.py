@@ -18,8 +18,10 @@ import torch
 import yaml
 
 from lmdist import checkpoint
+from lmdist.checkpoint import CheckpointError
 from lmdist.config import TrainConfig
 from lmdist.errors import ConfigError
+from lmdist.resume import Progress, Resume, adapt_to_world_size, check_compatible, check_within, relaunch_command
 from lmdist.schedule import Plan
 from tests import faults
 from tests.conftest import (
@@ -157,15 +159,15 @@ def test_finished_run_without_run_json_and_with_a_torn_config_yaml(markov_files,
 
 
 def test_a_checkpoint_past_the_end_is_refused():
-    resume = checkpoint.Resume("ckpt", checkpoint.Progress(step=21), "id", {}, "fp", 1)
-    checkpoint.check_within(replace_step(resume, 20), 20)
-    with pytest.raises(checkpoint.CheckpointError, match="at step 21, past this run's 20 total steps"):
-        checkpoint.check_within(resume, 20)
+    resume = Resume("ckpt", Progress(step=21), "id", {}, "fp", 1)
+    check_within(replace_step(resume, 20), 20)
+    with pytest.raises(CheckpointError, match="at step 21, past this run's 20 total steps"):
+        check_within(resume, 20)
 
 
-def replace_step(resume: checkpoint.Resume, step: int) -> checkpoint.Resume:
-    return checkpoint.Resume(resume.path, checkpoint.Progress(step=step), resume.run_id, resume.config,
-                             resume.data_fingerprint, resume.world_size)
+def replace_step(resume: Resume, step: int) -> Resume:
+    return Resume(resume.path, Progress(step=step), resume.run_id, resume.config, resume.data_fingerprint,
+                  resume.world_size)
 
 
 # ----------------------------------------------------------------------------- item 10: a longer run
@@ -210,17 +212,17 @@ def test_relaunch_command_replaces_the_flags_it_sets(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--output_dir=a b", "--lr", "1e-3", "--init_from", "x"])
     for variable in ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND"):
         monkeypatch.delenv(variable, raising=False)
-    command = checkpoint.relaunch_command(init_from="a b/final", output_dir="a b-continued")
+    command = relaunch_command(init_from="a b/final", output_dir="a b-continued")
     assert shlex.split(command) == [sys.executable, "train.py", "--lr", "1e-3", "--init_from", "a b/final",
                                     "--output_dir", "a b-continued"]
 
 
 # ----------------------------------------------------------------------------- item 11: other world sizes
 
-def saved_at(world_size: int, batch_size: int, grad_accum: int) -> checkpoint.Resume:
+def saved_at(world_size: int, batch_size: int, grad_accum: int) -> Resume:
     config = {**TrainConfig(batch_size=batch_size, grad_accum=grad_accum).to_dict()}
-    return checkpoint.Resume("ckpt", checkpoint.Progress(step=10, epoch=1, batches_in_epoch=2 * grad_accum), "id",
-                             config, "fp", world_size)
+    return Resume("ckpt", Progress(step=10, epoch=1, micro_batches_in_epoch=2 * grad_accum), "id", config, "fp",
+                  world_size)
 
 
 def advised_batch_sizes(error: ConfigError) -> list[int]:
@@ -235,7 +237,7 @@ def test_every_batch_size_the_advice_offers_is_accepted(saved, world_size, expec
     resume, said = saved_at(*saved), []
     global_batch = resume.global_batch
     try:
-        checkpoint.adapt_to_world_size(resume, TrainConfig(batch_size=saved[1]), world_size, said.append)
+        adapt_to_world_size(resume, TrainConfig(batch_size=saved[1]), world_size, said.append)
         offered = [saved[1], global_batch // world_size]  # nothing refused (2 -> 1): grad_accum 2, or batch 16
     except ConfigError as error:
         if expected is None:  # 12 sequences cannot be split over 8 processes: no batch_size helps
@@ -244,19 +246,19 @@ def test_every_batch_size_the_advice_offers_is_accepted(saved, world_size, expec
         offered = advised_batch_sizes(error)
         assert offered == expected
     for batch_size in offered:
-        moved, cfg = checkpoint.adapt_to_world_size(resume, TrainConfig(batch_size=batch_size), world_size,
+        moved, cfg = adapt_to_world_size(resume, TrainConfig(batch_size=batch_size), world_size,
                                                     said.append)
-        checkpoint.check_compatible(moved, cfg)
+        check_compatible(moved, cfg)
         assert world_size * cfg.batch_size * cfg.grad_accum == global_batch
-        consumed = resume.progress.batches_in_epoch * saved[0] * saved[1]
-        assert moved.progress.batches_in_epoch * world_size * batch_size == consumed, "the same sequences consumed"
+        consumed = resume.progress.micro_batches_in_epoch * saved[0] * saved[1]
+        assert moved.progress.micro_batches_in_epoch * world_size * batch_size == consumed, "the same sequences"
 
 
 def test_a_changed_batch_size_that_changes_the_global_batch_is_refused():
     resume = saved_at(1, 8, 1)
-    moved, cfg = checkpoint.adapt_to_world_size(resume, TrainConfig(batch_size=8, grad_accum=2), 1, print)
+    moved, cfg = adapt_to_world_size(resume, TrainConfig(batch_size=8, grad_accum=2), 1, print)
     with pytest.raises(ConfigError, match=r"grad_accum \(checkpoint 1, now 2\)"):
-        checkpoint.check_compatible(moved, cfg)
+        check_compatible(moved, cfg)
 
 
 @pytest.mark.parametrize("before, after", [(("python", 1, "8"), ("torchrun", 2, "4")),
