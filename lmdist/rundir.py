@@ -75,7 +75,7 @@ def acquire(output_dir: str) -> str | None:
     # with this process and not with the last of its children.
     os.register_at_fork(after_in_child=lambda: _forget(key))
     holder = {"host": platform.node(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": [sys.executable, *sys.argv]}
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": [sys.executable, *sys.orig_argv[1:]]}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
     return None

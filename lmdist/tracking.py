@@ -211,7 +211,7 @@ def run_facts(accelerator, plan: Plan, corpus: Corpus, model, parameters: int) -
         "launcher": _launcher(),
         "hostname": platform.node(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "command": [sys.executable] + sys.argv,
+        "command": [sys.executable, *sys.orig_argv[1:]],  # as typed: `-m lmdist.train`, `lmdist train`
         "git_commit": _git_commit(os.path.dirname(os.path.abspath(sys.argv[0]))),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "accelerate": accelerate.__version__, "datasets": datasets.__version__,

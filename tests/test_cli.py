@@ -3,6 +3,7 @@ the `lmdist` subcommands, whose flags, --help and errors are train.py's."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import shutil
 import subprocess
@@ -48,6 +49,8 @@ def test_train_runs_from_another_folder_as_the_script_does(entry, script_run, ma
     assert done.returncode == 0, done.stderr[-3000:]
     weights, reference = final_weights(out), final_weights(script_run)
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
+    recorded = json.loads((out / "run.json").read_text())["command"]
+    assert recorded[1:3] == entry, recorded  # run.json says how the run was started, as typed
 
     changed = run_in(tmp_path, [*command, "--lr", "1e-3"])
     assert changed.returncode == 2 and "lr (finished run 0.003, now 0.001)" in changed.stderr
