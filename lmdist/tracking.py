@@ -382,7 +382,9 @@ class RunLog:
         self.console.close()
         for tracker in self.trackers:
             tracker.finish()
-        self.accelerator.state.destroy_process_group()  # as Accelerator.end_training: the run is over on every rank
+        # The process group stays: run_cli closes it once main's frame has freed the DDP model. Destroyed here, the
+        # model's Reducer would hold its last reference and join gloo's threads holding the GIL, which a thread still
+        # finishing the last all-reduce waits for: a deadlock, at random (pytorch's ~ProcessGroupGloo under ~Reducer).
         if not self.accelerator.is_main_process:
             return
         if self.wandb_mode == "offline":
