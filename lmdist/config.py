@@ -22,6 +22,17 @@ from lmdist.flags import option as _f  # short: one readable line per field
 
 TOKENIZER_NAMES = ("byte", "char", "word", "bpe")
 
+# The GPT architecture presets (`gpt_style`): each field left unset (None) takes its style's value.
+# `gpt2` is lmdist's GPT before the presets existed, parameter for parameter; `modern` is the small-model
+# recipe of the modded-nanogpt speedrun and nanochat (docs/gpt.md says what each part buys).
+GPT_STYLES: dict[str, dict[str, Any]] = {
+    "gpt2": {"position": "learned", "norm": "layernorm", "norm_scale": True, "qk_norm": False, "mlp": "gelu",
+             "bias": True, "zero_init": False, "tie_weights": True},
+    "modern": {"position": "rope", "norm": "rmsnorm", "norm_scale": True, "qk_norm": True, "mlp": "swiglu",
+               "bias": False, "zero_init": True, "tie_weights": False},
+}
+GPT_FIELDS = tuple(GPT_STYLES["gpt2"])  # the fields a style sets
+
 
 @dataclass
 class TrainConfig:
@@ -30,10 +41,19 @@ class TrainConfig:
     embedding_dim: int = _f(256, "LSTM: token embedding size", "model")
     hidden_dim: int = _f(256, "LSTM: hidden size of each layer (with tie_weights the last layer outputs embedding_dim)", "model")
     num_layers: int = _f(2, "LSTM: number of stacked LSTM layers", "model")
-    tie_weights: bool = _f(True, "share the input embedding with the output layer (both models)", "model")
+    tie_weights: bool | None = _f(None, "share the input embedding with the output layer (default: shared for the LSTM and the gpt2 style, not for modern)", "model")
     n_layer: int = _f(4, "GPT: number of transformer blocks", "model")
     n_head: int = _f(4, "GPT: attention heads per block (must divide n_embd)", "model")
     n_embd: int = _f(128, "GPT: embedding and residual width", "model")
+    gpt_style: Literal["gpt2", "modern"] = _f("modern", "GPT: the architecture preset, which the fields below override one by one: `gpt2` (learned positions, LayerNorm, GELU, biases, tied head: GPT-2 of 2019) or `modern` (RoPE, RMSNorm, QK-norm, SwiGLU, no biases, zero-initialised projections and head, untied head)", "model")
+    position: Literal["learned", "rope"] | None = _f(None, "GPT: `learned` position embeddings or `rope` (rotary, relative); default: the gpt_style's", "model")
+    rope_theta: float = _f(10000.0, "GPT: RoPE's base period (larger: slower-turning dimensions for longer contexts)", "model")
+    norm: Literal["layernorm", "rmsnorm"] | None = _f(None, "GPT: `layernorm` or `rmsnorm`, before each block's attention and MLP and before the head; default: the gpt_style's", "model")
+    norm_scale: bool | None = _f(None, "GPT: give each norm a learned scale (and LayerNorm a bias when `bias`); default: the gpt_style's", "model")
+    qk_norm: bool | None = _f(None, "GPT: RMS-normalise each head's queries and keys before attention (bounded attention logits); default: the gpt_style's", "model")
+    mlp: Literal["gelu", "relu2", "swiglu"] | None = _f(None, "GPT: the MLP, `gelu` or `relu2` (ReLU squared) with 4 x n_embd hidden units, or `swiglu` with 8/3 x n_embd (rounded to a multiple of 8), the same parameters; default: the gpt_style's", "model")
+    bias: bool | None = _f(None, "GPT: biases in the output projections, the MLP and the norms (the query/key/value projection never has one); default: the gpt_style's", "model")
+    zero_init: bool | None = _f(None, "GPT: start each block's output projections (and an untied head) at zero, so every block starts as the identity; default: the gpt_style's", "model")
     dropout: float = _f(0.1, "dropout probability in both models (0 turns it off)", "model")
     block_size: int = _f(128, "tokens per training sequence (the context length)", "model")
     vocab_multiple: int = _f(1, "round the model's vocabulary (embedding and output rows) up to a multiple of this: 64 suits GPU tensor cores (GPT-2's 50257 -> 50304); the extra rows are never targets and never sampled", "model")
@@ -53,12 +73,15 @@ class TrainConfig:
     max_steps: int | None = _f(None, "train exactly this many optimizer steps, over as many epochs as they take (overrides epochs); default: epochs whole epochs", "optimisation")
     batch_size: int = _f(32, "sequences per process per micro-step", "optimisation")
     grad_accum: int = _f(1, "micro-steps accumulated into each optimizer step", "optimisation")
-    optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "`adamw`, `adam` or `sgd` (with momentum beta1)", "optimisation")
-    lr: float = _f(3e-3, "peak learning rate", "optimisation")
+    optimizer: Literal["adamw", "adam", "sgd", "muon"] = _f("adamw", "`adamw`, `adam`, `sgd` (with momentum beta1), or `muon`: torch.optim.Muon on the 2-D weight matrices inside the blocks (or LSTM layers) and fused AdamW (lr, beta1, beta2) on the embeddings, the head, norms and biases", "optimisation")
+    lr: float = _f(3e-3, "peak learning rate (with muon: of the AdamW parameters)", "optimisation")
+    muon_lr: float = _f(0.02, "muon: peak learning rate of the Muon matrices (scaled by sqrt(max(1, rows/columns)) per matrix, as in Keller Jordan's Muon); the schedule scales it as it scales lr", "optimisation")
+    muon_momentum: float = _f(0.95, "muon: Nesterov momentum of the Muon matrices", "optimisation")
     min_lr: float | None = _f(None, "learning rate at the end of the schedule (default: lr / 10)", "optimisation")
     warmup_steps: int = _f(20, "optimizer steps of linear warm-up from 0 to lr", "optimisation")
-    lr_schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "decay from lr to min_lr after warm-up: `cosine`, `linear` or `constant`", "optimisation")
-    weight_decay: float = _f(0.01, "decoupled weight decay on weight matrices and embeddings (never on biases or norm weights)", "optimisation")
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = _f("cosine", "after warm-up: `cosine` or `linear` decay from lr to min_lr, `constant`, or `wsd` (warm-up, stable at lr, then linear decay to min_lr over the last decay_fraction of the steps)", "optimisation")
+    decay_fraction: float = _f(0.4, "wsd: the fraction of the run's steps, at its end, over which lr decays to min_lr", "optimisation")
+    weight_decay: float = _f(0.01, "decoupled weight decay on weight matrices and embeddings (never on biases or norm weights); with muon on both optimizers' matrices", "optimisation")
     beta1: float = _f(0.9, "Adam beta1 (SGD momentum)", "optimisation")
     beta2: float = _f(0.99, "Adam beta2", "optimisation")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value on optimizer steps (0 = no clipping)", "optimisation")
@@ -97,6 +120,21 @@ class TrainConfig:
     def effective_min_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The model's resolved shape options: for a GPT each of GPT_FIELDS (set, else its gpt_style's) and
+        rope_theta; for the LSTM tie_weights (default shared)."""
+        if self.model != "gpt":
+            return {"tie_weights": True if self.tie_weights is None else self.tie_weights}
+        style = GPT_STYLES[self.gpt_style]
+        chosen = {name: style[name] if getattr(self, name) is None else getattr(self, name) for name in GPT_FIELDS}
+        return {**chosen, "rope_theta": self.rope_theta}
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field, the architecture's as `architecture` resolves them: what a run trains, for comparing two
+        runs whose configs spell it differently (a default left unset, or a style's value given explicitly)."""
+        return {**self.to_dict(), **self.architecture}
+
 
 RENAMED = {"vocab_size": "bpe_vocab_size"}  # old field name -> new: saved configs still load, flags are told
 
@@ -110,7 +148,14 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
             if new in upgraded:
                 raise ConfigError(f"{old!r} was renamed {new!r}, and both are given: keep {new!r}")
             upgraded[new] = upgraded.pop(old)
+    if "gpt_style" not in upgraded and upgraded.get("model") == "gpt" and upgraded.keys() >= _WRITTEN_BEFORE_STYLES:
+        upgraded["gpt_style"] = "gpt2"  # a whole saved model config from before the presets: that GPT was gpt2's
     return upgraded
+
+
+# Fields every saved model config (a run's config, a checkpoint's, final/config.json) has held since the GPT
+# existed; a hand-written --config file without gpt_style rarely names them all, and takes the default style.
+_WRITTEN_BEFORE_STYLES = frozenset({"n_layer", "n_head", "n_embd", "dropout", "tie_weights"})
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -196,6 +241,11 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.n_embd % cfg.n_head == 0, "n_embd", f"must be divisible by n_head ({cfg.n_head})")
     need(cfg.block_size >= 2, "block_size", "must be at least 2 (a sequence needs an input and a target)")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
+    for name in GPT_FIELDS[:-1]:  # tie_weights is both models'
+        need(cfg.model == "gpt" or getattr(cfg, name) is None, name, "shapes a GPT only: leave it out with --model lstm")
+    need(cfg.rope_theta > 0, "rope_theta", "must be positive")
+    need(cfg.model != "gpt" or cfg.architecture["position"] != "rope" or (cfg.n_embd // cfg.n_head) % 2 == 0,
+         "position", f"rope rotates pairs of dimensions: n_embd / n_head ({cfg.n_embd // cfg.n_head}) must be even")
     # numpy's seed range, checked here so that every rank refuses it (numpy would fail on rank 1 alone)
     need(0 <= cfg.seed <= 2**32 - 1, "seed", "must be between 0 and 2**32 - 1 (4294967295)")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1")
@@ -204,6 +254,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.lr, "min_lr", f"must be between 0 and lr ({cfg.lr})")
     need(cfg.warmup_steps >= 0, "warmup_steps", "must be non-negative")
     need(cfg.weight_decay >= 0, "weight_decay", "must be non-negative")
+    need(cfg.muon_lr >= 0, "muon_lr", "must be non-negative")
+    need(0 <= cfg.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
+    need(0 <= cfg.decay_fraction <= 1, "decay_fraction", "must be between 0 and 1")
     need(0 <= cfg.beta1 < 1, "beta1", "must be in [0, 1)")
     need(0 <= cfg.beta2 < 1, "beta2", "must be in [0, 1)")
     need(cfg.grad_clip >= 0, "grad_clip", "must be non-negative (0 turns clipping off)")

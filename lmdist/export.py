@@ -5,18 +5,18 @@ once), a JSON config naming the architecture and its sizes, and the tokenizer fo
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 
 from lmdist.checkpoint import gather_weights, without_tied_copies
-from lmdist.config import TrainConfig
+from lmdist.config import GPT_FIELDS, TrainConfig
 from lmdist.errors import StorageError
 from lmdist.files import agree_on_writes, save_safetensors, write_json, writing
 
 MODEL_FIELDS = {
     "lstm": ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights", "vocab_multiple"),
-    "gpt": ("n_layer", "n_head", "n_embd", "dropout", "block_size", "tie_weights", "vocab_multiple"),
+    "gpt": ("n_layer", "n_head", "n_embd", "dropout", "block_size", "vocab_multiple", "gpt_style", *GPT_FIELDS,
+            "rope_theta"),
 }
 
 
@@ -31,7 +31,7 @@ def save_final(accelerator, model, cfg: TrainConfig, vocab_size: int) -> str:
                 os.makedirs(final_dir, exist_ok=True)
                 save_safetensors(without_tied_copies(state), os.path.join(final_dir, "model.safetensors"),
                                  metadata={"format": "pt"})
-                values = dataclasses.asdict(cfg)
+                values = cfg.resolved()  # each option as trained: the export does not depend on a style's defaults
                 write_json(os.path.join(final_dir, "config.json"), {"model": cfg.model, "vocab_size": vocab_size,
                                                                      **{k: values[k] for k in MODEL_FIELDS[cfg.model]}})
                 shutil.copytree(os.path.join(cfg.output_dir, "tokenizer"), os.path.join(final_dir, "tokenizer"),

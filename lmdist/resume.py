@@ -202,9 +202,10 @@ def refuse_changes(saved: dict, cfg: TrainConfig, where: str, label: str, fix: s
 
     `fix` replaces the default advice (relaunch with the saved values, or start a new output_dir).
     """
-    now = cfg.to_dict()
-    changed = [f"{k} ({label} {saved.get(k)!r}, now {now[k]!r})" for k in now
-               if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and saved.get(k) != now[k]]
+    now = cfg.resolved()
+    saved = TrainConfig(**{k: v for k, v in saved.items() if k in now}).resolved()  # fields added since: defaults
+    changed = [f"{k} ({label} {saved[k]!r}, now {now[k]!r})" for k in now
+               if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and saved[k] != now[k]]
     if changed:
         raise ConfigError(f"this relaunch differs from {where} in {'; '.join(changed)}: "
                           f"{fix or 'relaunch with its values, or start a new output_dir'}")

@@ -71,6 +71,11 @@ def test_wrong_types_are_named(argv, message):
     (["--max_steps", "0"], "--max_steps 0: must be at least 1"),
     (["--tokenizer", "sentencepiece"], "--tokenizer 'sentencepiece': must be one of byte, char, word, bpe"),
     (["--bpe_vocab_size", "100"], "--bpe_vocab_size 100: must be at least 260"),
+    (["--model", "lstm", "--mlp", "swiglu"], "--mlp 'swiglu': shapes a GPT only: leave it out with --model lstm"),
+    (["--model", "gpt", "--n_embd", "30", "--n_head", "6"], "rope rotates pairs of dimensions: n_embd / n_head (5)"),
+    (["--muon_momentum", "1"], "--muon_momentum 1.0: must be in [0, 1)"),
+    (["--decay_fraction", "1.5"], "--decay_fraction 1.5: must be between 0 and 1"),
+    (["--lr_schedule", "wsdd"], "did you mean 'wsd'?"),
 ])
 def test_impossible_values_are_named(argv, message):
     assert message in error_of(argv)
@@ -132,6 +137,50 @@ def test_an_old_checkpoints_config_still_matches_on_resume(tmp_path):
     resume.check_compatible(found, cfg)  # the same run: not refused
     with pytest.raises(ConfigError, match=r"bpe_vocab_size \(checkpoint 300, now 400\)"):
         resume.check_compatible(found, parse_args(["--bpe_vocab_size", "400", "--output_dir", str(tmp_path)]))
+
+
+GPT_FIELDS_SINCE_STYLES = ("gpt_style", "position", "rope_theta", "norm", "norm_scale", "qk_norm", "mlp", "bias",
+                           "zero_init", "muon_lr", "muon_momentum", "decay_fraction")
+
+
+def saved_before_styles(cfg: TrainConfig) -> dict:
+    """A GPT's config as lmdist saved it before gpt_style: no architecture or Muon fields, tie_weights spelt out."""
+    return {k: v for k, v in {**cfg.to_dict(), "tie_weights": True}.items() if k not in GPT_FIELDS_SINCE_STYLES}
+
+
+def test_a_gpt_checkpoint_from_before_styles_resumes_as_the_gpt2_style(tmp_path):
+    """Its GPT was gpt2's: relaunched with --gpt_style gpt2 it resumes; with today's default style it is refused,
+    naming what would change, and a config.yaml of that time still builds that GPT."""
+    gpt2 = parse_args(["--model", "gpt", "--gpt_style", "gpt2", "--output_dir", str(tmp_path)])
+    path = tmp_path / "checkpoints" / "step_00000005"
+    path.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
+        (path / name).write_bytes(name.encode())
+    (path / checkpoint.STATE).write_text(json.dumps({"progress": {"step": 5}, "run_id": "r", "data_fingerprint": "f",
+                                                     "config": saved_before_styles(gpt2), "world_size": 1}))
+    checkpoint.write_manifest(str(path), [*os.listdir(path)], 5)
+    found = resume.find_resume(gpt2, say=print)
+    assert found.config["gpt_style"] == "gpt2"
+    resume.check_compatible(found, gpt2)
+    today = parse_args(["--model", "gpt", "--output_dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"gpt_style \(checkpoint 'gpt2', now 'modern'\); position \(checkpoint "
+                                          r"'learned', now 'rope'\)"):
+        resume.check_compatible(found, today)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved_before_styles(gpt2)))
+    assert parse_args(["--config", str(tmp_path / "config.yaml")]).architecture == gpt2.architecture
+    (tmp_path / "short.yaml").write_text("model: gpt\nn_embd: 64\n")  # written by hand: today's default style
+    assert parse_args(["--config", str(tmp_path / "short.yaml")]).gpt_style == TrainConfig().gpt_style
+
+
+def test_a_style_spelt_out_field_by_field_is_the_same_run(tmp_path):
+    styled = parse_args(["--model", "gpt", "--gpt_style", "gpt2"])
+    spelt = parse_args(["--model", "gpt", "--gpt_style", "gpt2", "--position", "learned", "--mlp", "gelu",
+                        "--tie_weights", "true"])
+    assert styled.architecture == spelt.architecture
+    resume.refuse_changes(styled.to_dict(), spelt, "the run", "run")  # not refused: it trains the same model
+    with pytest.raises(ConfigError, match=r"mlp \(run 'gelu', now 'relu2'\)"):
+        resume.refuse_changes(styled.to_dict(), parse_args(["--model", "gpt", "--gpt_style", "gpt2", "--mlp", "relu2"]),
+                              "the run", "run")
 
 
 def test_saved_config_round_trips(tmp_path):

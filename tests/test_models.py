@@ -1,24 +1,32 @@
-"""The models: shapes, causality, tied weights, one module per LSTM layer."""
+"""The models: shapes, causality, tied weights, one module per LSTM layer, and the GPT's options and styles."""
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmdist.config import TrainConfig
+from lmdist.config import GPT_STYLES, TrainConfig, make_config
 from lmdist.models import GPT, LSTMLanguageModel, build_model, count_parameters
+from lmdist.models.gpt import Rotary, swiglu_width
+
+SMALL_GPT = {"model": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
 
 
 @pytest.mark.parametrize("model", ["lstm", "gpt"])
 def test_logits_shape_and_tied_weights(model):
-    cfg = TrainConfig(model=model, embedding_dim=16, hidden_dim=16, n_embd=16, n_head=2, n_layer=2, block_size=8)
+    cfg = TrainConfig(model=model, embedding_dim=16, hidden_dim=16, n_embd=16, n_head=2, n_layer=2, block_size=8,
+                      tie_weights=True)
     net = build_model(cfg, vocab_size=11)
     assert net(torch.randint(0, 11, (3, 8))).shape == (3, 8, 11)
     untied = build_model(TrainConfig(**{**cfg.to_dict(), "tie_weights": False}), vocab_size=11)
     assert count_parameters(untied) - count_parameters(net) == 11 * 16  # the output matrix, counted once when tied
 
 
-@pytest.mark.parametrize("net", [GPT(13, 8, 2, 2, 16, 0.0), LSTMLanguageModel(13, 16, 16, 2, 0.0, True)])
+@pytest.mark.parametrize("net", [GPT(13, 8, 2, 2, 16, 0.0), LSTMLanguageModel(13, 16, 16, 2, 0.0, True),
+                                 build_model(make_config({**SMALL_GPT, "gpt_style": "modern", "dropout": 0,
+                                                          "zero_init": False}), 13)])  # zero logits see nothing
 def test_causal_future_tokens_do_not_change_past_logits(net):
     x = torch.randint(0, 13, (2, 8))
     y = x.clone()
@@ -49,3 +57,123 @@ def test_bf16_autocast_on_cpu_trains_on_any_cpu(model):
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
     assert loss.item() == pytest.approx(F.cross_entropy(net(x).flatten(0, 1), y.flatten()).item(), rel=0.02)
+
+
+# sha256 prefixes of the gpt2-style GPT's initial state dict and of its gradients on a fixed batch, recorded from
+# lmdist's GPT before the styles existed (c5ac202, torch 2.13.0): tied, and untied.
+GPT2_BEFORE_STYLES = {True: ("a706aea9fdd7943d", "709c8be07fa93154", 3.769435405731201),
+                      False: ("fdaa69e2a6dd0d5c", "62582bde4ee107d7", 4.187404155731201)}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_gpt2_style_is_the_gpt_before_styles_bit_for_bit(tied):
+    """Same parameter names, same initial weights for a seed, same loss and gradients: old checkpoints and
+    exports load and old runs resume."""
+    torch.manual_seed(0)
+    net = build_model(make_config({**SMALL_GPT, "dropout": 0.1, "gpt_style": "gpt2", "tie_weights": tied}), 65)
+    weights = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().contiguous().numpy().tobytes())
+    torch.manual_seed(1)
+    idx = torch.randint(0, 65, (2, 16))
+    loss = F.cross_entropy(net.train()(idx).flatten(0, 1), idx.flatten())  # dropout's draws included
+    loss.backward()
+    grads = hashlib.sha256()
+    for p in net.parameters():
+        grads.update(p.grad.numpy().tobytes())
+    assert (weights.hexdigest()[:16], grads.hexdigest()[:16], loss.item()) == GPT2_BEFORE_STYLES[tied]
+
+
+def test_rope_scores_depend_only_on_the_offset():
+    """q.k after rotation is the same for positions (i, j) and (i + s, j + s), and differs for another offset."""
+    torch.manual_seed(0)
+    rotary = Rotary(head_dim=8, block_size=32, theta=10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(i: int, j: int) -> float:
+        qs, ks = torch.zeros(1, 1, 32, 8), torch.zeros(1, 1, 32, 8)
+        qs[0, 0, i], ks[0, 0, j] = q, k
+        return (rotary(qs)[0, 0, i] @ rotary(ks)[0, 0, j]).item()
+
+    assert score(10, 3) == pytest.approx(score(27, 20), abs=1e-5) == pytest.approx(score(7, 0), abs=1e-5)
+    assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-3)
+    assert score(3, 3) == pytest.approx((q @ k).item(), abs=1e-5)  # offset 0: no rotation
+
+
+def names(net: torch.nn.Module) -> set[str]:
+    return {name for name, _ in net.named_parameters()}
+
+
+@pytest.mark.parametrize("option, value, check", [
+    ("position", "rope", lambda net: "wpe.weight" not in names(net)),
+    ("position", "learned", lambda net: net.wpe.weight.shape == (16, 32)),
+    ("norm", "rmsnorm", lambda net: all(isinstance(m, torch.nn.RMSNorm) for m in (net.ln_f, net.blocks[0].ln_1))),
+    ("norm", "layernorm", lambda net: isinstance(net.ln_f, torch.nn.LayerNorm)),
+    ("norm_scale", False, lambda net: not any("ln_" in name or "norm" in name for name in names(net))),
+    ("qk_norm", True, lambda net: {"blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight"} <= names(net)),
+    ("qk_norm", False, lambda net: not any("q_norm" in name for name in names(net))),
+    ("mlp", "swiglu", lambda net: {"blocks.0.mlp.gate.weight", "blocks.0.mlp.up.weight"} <= names(net)),
+    ("mlp", "relu2", lambda net: net.blocks[0].mlp.activation == "relu2"),
+    ("bias", False, lambda net: not any(name.endswith("bias") for name in names(net))),
+    ("bias", True, lambda net: {"blocks.0.attn.proj.bias", "blocks.0.mlp.proj.bias"} <= names(net)
+                               and ("ln_f.bias" in names(net)) == isinstance(net.ln_f, torch.nn.LayerNorm)),
+    ("zero_init", True, lambda net: all(not p.any() for name, p in net.named_parameters()
+                                        if name.endswith("proj.weight") or name == "lm_head.weight")),
+    ("zero_init", False, lambda net: all(p.std() > 0 for name, p in net.named_parameters()
+                                         if name.endswith("proj.weight"))),
+    ("tie_weights", True, lambda net: net.lm_head.weight is net.wte.weight),
+    ("tie_weights", False, lambda net: net.lm_head.weight is not net.wte.weight),
+])
+@pytest.mark.parametrize("style", ["gpt2", "modern"])
+def test_each_option_shapes_the_gpt_over_either_style(style, option, value, check):
+    """An explicit field overrides its style's value, and builds what the field says."""
+    cfg = make_config({**SMALL_GPT, "gpt_style": style, option: value})
+    assert cfg.architecture[option] == value
+    assert check(build_model(cfg, 65))
+    others = {k: v for k, v in cfg.architecture.items() if k not in (option, "rope_theta")}
+    assert others == {k: v for k, v in GPT_STYLES[style].items() if k != option}  # nothing else moved
+
+
+def test_swiglu_keeps_the_gelu_mlps_parameter_count():
+    for width in (32, 128, 384, 768):
+        assert abs(3 * width * swiglu_width(width) - 2 * width * 4 * width) <= 3 * width * 4  # within one rounding
+        assert swiglu_width(width) % 8 == 0
+    shape = {**SMALL_GPT, "n_embd": 128, "gpt_style": "modern"}
+    gelu, swiglu = (build_model(make_config({**shape, "mlp": mlp}), 65) for mlp in ("gelu", "swiglu"))
+    assert count_parameters(swiglu) == pytest.approx(count_parameters(gelu), rel=0.01)
+
+
+def test_the_styles_parameter_counts():
+    """gpt2: tied head, learned positions, biases; modern: an untied head, no positions or biases, QK-norm scales."""
+    V, T, C, L, head_dim, swiglu = 65, 16, 32, 2, 16, swiglu_width(32)
+    gpt2_block = 2 * 2 * C + 3 * C * C + C * C + C + 4 * C * C + 4 * C + 4 * C * C + C  # norms, attention, MLP
+    modern_block = 2 * C + 3 * C * C + C * C + 2 * head_dim + 3 * C * swiglu
+    expected = {"gpt2": V * C + T * C + L * gpt2_block + 2 * C, "modern": 2 * V * C + L * modern_block + C}
+    for style, parameters in expected.items():
+        assert count_parameters(build_model(make_config({**SMALL_GPT, "gpt_style": style}), V)) == parameters
+
+
+@pytest.mark.parametrize("style", ["gpt2", "modern"])
+def test_activation_checkpointing_keeps_a_blocks_gradients_and_drops_its_activations(style):
+    """FSDP's activation checkpointing (sharding._recomputed, FSDP_ACTIVATION_CHECKPOINTING) on either style's
+    block: the same output and gradients, dropout's draws included, from far fewer tensors kept for backward."""
+    from lmdist.sharding import _recomputed
+
+    def run(recompute: bool) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        block = build_model(make_config({**SMALL_GPT, "gpt_style": style, "dropout": 0.1, "zero_init": False}),
+                            65).blocks[0]
+        if recompute:
+            block.forward = _recomputed(block.forward)
+        x = torch.randn(2, 16, 32, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = block(x)
+        y.square().sum().backward()
+        return len(saved), y.detach(), [x.grad, *(p.grad for p in block.parameters())]
+
+    (kept, y, grads), (kept_recomputed, y_recomputed, grads_recomputed) = run(False), run(True)
+    assert torch.equal(y, y_recomputed)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, grads_recomputed, strict=True))
+    assert kept_recomputed * 5 <= kept

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lmdist import engine, optim, perf
 from lmdist.config import make_config
 from lmdist.errors import ConfigError
-from lmdist.models import GPT, LSTMLanguageModel
+from lmdist.models import GPT, LSTMLanguageModel, build_model
 
 
 def counted_flops_per_token(loss_of: callable, idx: torch.Tensor) -> float:
@@ -26,9 +26,18 @@ def counted_flops_per_token(loss_of: callable, idx: torch.Tensor) -> float:
     return counter.get_total_flops() / idx.numel()
 
 
-def test_gpt_flops_per_token_is_the_palm_formula_and_what_torch_counts():
-    model = GPT(vocab_size=512, block_size=64, n_layer=3, n_head=4, n_embd=64, dropout=0.0)
-    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()  # tied lm_head counted once
+@pytest.mark.parametrize("options", [{"gpt_style": "gpt2"}, {"gpt_style": "modern"},
+                                     {"gpt_style": "modern", "mlp": "relu2", "tie_weights": True},
+                                     {"gpt_style": "gpt2", "mlp": "swiglu", "bias": False, "tie_weights": False},
+                                     {"gpt_style": "gpt2", "position": "rope", "qk_norm": True, "norm": "rmsnorm"}],
+                         ids=["gpt2", "modern", "modern-relu2-tied", "gpt2-swiglu-untied", "gpt2-rope-qknorm"])
+def test_gpt_flops_per_token_is_the_palm_formula_and_what_torch_counts(options):
+    model = build_model(make_config({"model": "gpt", "block_size": 64, "n_layer": 3, "n_head": 4, "n_embd": 64,
+                                     "dropout": 0.0, **options}), 512)
+    lookups = [model.wpe.weight] if hasattr(model, "wpe") else []  # position and token embeddings are not matmuls,
+    if model.lm_head.weight is not model.wte.weight:  # except a token embedding that is the head too
+        lookups.append(model.wte.weight)
+    n = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in lookups)
     assert model.flops_per_token() == 6 * n + 12 * 3 * 64 * 64
     idx = torch.randint(0, 512, (2, 64))
     with sdpa_kernel(SDPBackend.MATH):  # attention as plain matmuls, which the counter sees

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmdist.config import TrainConfig
+from lmdist.config import GPT_FIELDS, TrainConfig
 from lmdist.models.gpt import GPT
 from lmdist.models.lstm import LSTMLanguageModel
 from lmdist.models.parameters import count_parameters
@@ -13,9 +13,24 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The configured model for a tokenizer of `vocab_size` ids (rounded up to a multiple of vocab_multiple)."""
     vocab_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
     if cfg.model == "gpt":
-        return GPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.tie_weights)
+        return GPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, **cfg.architecture)
     return LSTMLanguageModel(vocab_size, cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout,
-                             cfg.tie_weights)
+                             **cfg.architecture)
 
 
-__all__ = ["GPT", "LSTMLanguageModel", "build_model", "count_parameters"]
+def describe(cfg: TrainConfig) -> str:
+    """The model line of the plan: the architecture as resolved from gpt_style and the fields that override it."""
+    arch = cfg.architecture
+    head = "tied head" if arch["tie_weights"] else "untied head"
+    if cfg.model != "gpt":
+        return f"model: lstm, {cfg.num_layers} layers x {cfg.hidden_dim} hidden, {head}"
+    overridden = [name for name in GPT_FIELDS if getattr(cfg, name) is not None]
+    parts = [f"rope (theta {arch['rope_theta']:g})" if arch["position"] == "rope" else "learned positions",
+             arch["norm"] + ("" if arch["norm_scale"] else " without scale"), *(["qk-norm"] * arch["qk_norm"]),
+             arch["mlp"], "biases" if arch["bias"] else "no biases", *(["zero-init projections"] * arch["zero_init"]),
+             head]
+    return (f"model: gpt {cfg.gpt_style}{' with ' + ', '.join(overridden) + ' set' if overridden else ''}: "
+            f"{cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, {', '.join(parts)}")
+
+
+__all__ = ["GPT", "LSTMLanguageModel", "build_model", "count_parameters", "describe"]

@@ -1,5 +1,15 @@
-"""A GPT-style decoder-only transformer (after nanoGPT): pre-LayerNorm blocks, causal
-`scaled_dot_product_attention` (flash kernels on GPU), learned positions, tied embeddings."""
+"""A GPT-style decoder-only transformer (after nanoGPT): pre-norm blocks and causal
+`scaled_dot_product_attention` (flash kernels on GPU), in two styles and every mix of them.
+
+`gpt2` is GPT-2 of 2019: learned positions, LayerNorm, a GELU MLP, biases, a tied head. `modern` is today's
+small-model recipe (modded-nanogpt, nanochat, Llama/Qwen3): rotary positions, RMSNorm, QK-norm, a SwiGLU
+MLP, no biases, zero-initialised residual projections and head, an untied head. Each part is one keyword
+(config.GPT_FIELDS); docs/gpt.md says what each buys.
+
+Invariant: the gpt2 options build today's model exactly, module for module and in the same order, so a
+seed gives the same weights and old checkpoints load under the same parameter names. Options only add or
+drop modules (`wpe`, `q_norm`/`k_norm`, `gate`/`up`, biases); none renames one.
+"""
 from __future__ import annotations
 
 import math
@@ -11,42 +21,105 @@ from torch import nn
 from lmdist.models.parameters import count_parameters
 
 
+def norm_layer(kind: str, width: int, scale: bool, bias: bool) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(width, elementwise_affine=scale, bias=bias and scale)
+    return nn.RMSNorm(width, elementwise_affine=scale)
+
+
+def swiglu_width(n_embd: int) -> int:
+    """SwiGLU's hidden units: three matrices of n_embd x h hold what GELU's two of n_embd x 4n_embd hold when
+    h = 8/3 n_embd, rounded to a multiple of 8 (as Llama rounds to its `multiple_of`)."""
+    return max(8, round(8 * n_embd / 3 / 8) * 8)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE): rotates each pair of query/key dimensions (i, i + d/2) by an angle
+    proportional to the position, so a query-key score depends on their offset only. The pairing is
+    Llama's `rotate_half` one. The angles are a buffer left out of state dicts: computed, never learned."""
+
+    def __init__(self, head_dim: int, block_size: int, theta: float):
+        super().__init__()
+        frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (d/2,)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)  # (T, d/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_head, T, d) -> the same, rotated by position."""
+        T, half = x.shape[-2], x.shape[-1] // 2
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, qk_norm: bool, norm_scale: bool,
+                 rotary: Rotary | None):
         super().__init__()
         self.n_head, self.dropout = n_head, dropout
         # No bias: a key bias cannot change the softmax, so its gradient is pure rounding noise that
         # Adam would amplify into updates; query/value biases add little (as in modern GPTs).
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.proj = nn.Linear(n_embd, n_embd)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_drop = nn.Dropout(dropout)
+        if qk_norm:  # per head, as Qwen3 and modded-nanogpt: attention logits cannot grow without bound
+            self.q_norm = nn.RMSNorm(n_embd // n_head, elementwise_affine=norm_scale)
+            self.k_norm = nn.RMSNorm(n_embd // n_head, elementwise_affine=norm_scale)
+        self.qk_norm = qk_norm
+        self.rotary = rotary  # shared by every block; holds no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float):
+    """`gelu` (GPT-2) or `relu2` (ReLU squared, modded-nanogpt): fc -> activation -> proj, 4 x n_embd wide."""
+
+    def __init__(self, n_embd: int, dropout: float, bias: bool, activation: str):
         super().__init__()
-        self.fc = nn.Linear(n_embd, 4 * n_embd)
-        self.proj = nn.Linear(4 * n_embd, n_embd)
+        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = F.gelu(h) if self.activation == "gelu" else F.relu(h).square()
+        return self.drop(self.proj(h))
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: proj(silu(gate(x)) * up(x)), swiglu_width(n_embd) wide."""
+
+    def __init__(self, n_embd: int, dropout: float, bias: bool):
+        super().__init__()
+        hidden = swiglu_width(n_embd)
+        self.gate = nn.Linear(n_embd, hidden, bias=bias)
+        self.up = nn.Linear(n_embd, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.silu(self.gate(x)) * self.up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, *, norm: str, norm_scale: bool, bias: bool,
+                 qk_norm: bool, mlp: str, rotary: Rotary | None):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = MLP(n_embd, dropout)
+        self.ln_1 = norm_layer(norm, n_embd, norm_scale, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm, norm_scale, rotary)
+        self.ln_2 = norm_layer(norm, n_embd, norm_scale, bias)
+        self.mlp = SwiGLU(n_embd, dropout, bias) if mlp == "swiglu" else MLP(n_embd, dropout, bias, mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -55,22 +128,31 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
-                 dropout: float, tie_weights: bool = True):
+                 dropout: float, tie_weights: bool = True, *, position: str = "learned", rope_theta: float = 10000.0,
+                 norm: str = "layernorm", norm_scale: bool = True, qk_norm: bool = False, mlp: str = "gelu",
+                 bias: bool = True, zero_init: bool = False):
         super().__init__()
         self.block_size, self.n_layer, self.n_embd = block_size, n_layer, n_embd
         self.wte = nn.Embedding(vocab_size, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
+        if position == "learned":
+            self.wpe = nn.Embedding(block_size, n_embd)
+        rotary = Rotary(n_embd // n_head, block_size, rope_theta) if position == "rope" else None
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, norm=norm, norm_scale=norm_scale, bias=bias,
+                                          qk_norm=qk_norm, mlp=mlp, rotary=rotary) for _ in range(n_layer))
+        self.ln_f = norm_layer(norm, n_embd, norm_scale, bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.apply(self._init_weights)
-        # GPT-2's scaled init: each block adds two residual branches, keep their sum's variance in check.
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                if zero_init:  # each block starts as the identity; its first updates decide what it adds
+                    nn.init.zeros_(p)
+                else:  # GPT-2's scaled init: each block adds two residual branches, keep their sum's variance
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
         if tie_weights:
             self.lm_head.weight = self.wte.weight
+        elif zero_init:  # uniform first predictions; a tied head is the embedding and keeps its init
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -79,17 +161,27 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights inside the blocks (attention and MLP projections): Muon's parameters. Not the
+        embeddings, whose rows are looked up rather than multiplied, nor the head."""
+        return [p for p in self.blocks.parameters() if p.dim() == 2]
+
     def flops_per_token(self) -> float:
         """Training FLOPs (forward + backward) per token, the PaLM convention: 6N for the weights plus
-        12*L*n_embd*T for attention, N without the position embeddings (a lookup, not a matmul)."""
-        n = count_parameters(self) - self.wpe.weight.numel()
+        12*L*n_embd*T for attention, N without the embedding lookups (positions; tokens, unless they are the
+        head too). Rotary angles and norms are elementwise, not matmuls."""
+        lookups = [self.wpe.weight] if hasattr(self, "wpe") else []
+        if self.lm_head.weight is not self.wte.weight:
+            lookups.append(self.wte.weight)
+        n = count_parameters(self) - sum(w.numel() for w in lookups)
         return 6 * n + 12 * self.n_layer * self.n_embd * self.block_size
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, time) -> next-token logits (batch, time, vocab)."""
-        T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        if hasattr(self, "wpe"):
+            x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))

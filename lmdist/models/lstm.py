@@ -30,6 +30,10 @@ class LSTMLanguageModel(nn.Module):
         if tie_weights:
             self.decoder.weight = self.embedding.weight
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The LSTM layers' input and recurrent weights (each the four gates' matrices stacked): Muon's."""
+        return [p for p in self.layers.parameters() if p.dim() == 2]
+
     def flops_per_token(self) -> float:
         """Training FLOPs (forward + backward) per token of the matmuls: 6 x every weight that multiplies an
         activation (the gates' input and recurrent weights and the decoder; not the embedding lookup)."""
