@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs, set_seed
 
 from lmdist import launch, metrics, patches, perf, sharding
 from lmdist.config import TrainConfig
@@ -81,9 +81,16 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
 
 def shard_if_asked(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
     """FSDP2 on CPU when an FSDP config meets a machine without GPUs (Accelerate would train DDP instead)."""
-    if sharding.cpu_fsdp_requested(accelerator.device.type == "cpu") and accelerator.num_processes > 1:
-        return sharding.shard(model)
-    return model
+    return sharding.shard(model) if _lmdist_shards(accelerator) else model
+
+
+def shards_model(accelerator: Accelerator) -> bool:
+    """Whether this launch trains a sharded model: FSDP through Accelerate (GPUs) or through lmdist (CPU)."""
+    return accelerator.distributed_type == DistributedType.FSDP or _lmdist_shards(accelerator)
+
+
+def _lmdist_shards(accelerator: Accelerator) -> bool:
+    return sharding.cpu_fsdp_requested(accelerator.device.type == "cpu") and accelerator.num_processes > 1
 
 
 def compile_if_asked(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:

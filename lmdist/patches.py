@@ -13,6 +13,7 @@ import inspect
 from types import MethodType
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def remember_installed_packages() -> bool:
@@ -50,3 +51,45 @@ def keep_autocast_outputs(model: torch.nn.Module) -> bool:
         return False
     model.forward = MethodType(upcast.model_forward, model)  # the autocast-wrapped forward Accelerate made
     return True
+
+
+def orthogonalize_in_fp32_where_bf16_is_emulated() -> bool:
+    """Run torch.optim.Muon's Newton-Schulz iterations in fp32 on a CPU without bf16 kernels.
+
+    Muon casts each update to bf16 before orthogonalising it, which suits GPUs and bf16 CPUs; a CPU without
+    bf16 matmul kernels (AVX2, no AVX-512 BF16/AMX) emulates them about 40x slower than fp32, and the optimizer
+    step then costs ten forward-backward passes of a small GPT. There the iterations run in fp32, a more
+    precise orthogonalisation of the same update: `_zeropower_via_newtonschulz` runs under a TorchFunctionMode
+    that turns its `.bfloat16()` into an fp32 copy. Gone: `torch.optim._muon` has no
+    `_zeropower_via_newtonschulz`, or `_single_tensor_muon` no longer calls it.
+    """
+    try:
+        from torch.optim import _muon
+    except ImportError:
+        return False
+    original = getattr(_muon, "_zeropower_via_newtonschulz", None)
+    caller = getattr(_muon, "_single_tensor_muon", None)
+    if original is None or caller is None or "_zeropower_via_newtonschulz" not in caller.__code__.co_names:
+        return False
+    if getattr(original, "keeps_fp32_on_emulated_bf16", False):
+        return True
+
+    @functools.wraps(original)
+    def orthogonalize(grad: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        from lmdist.perf import native_cpu_bf16
+
+        if grad.device.type != "cpu" or native_cpu_bf16():
+            return original(grad, *args, **kwargs)
+        with _Bf16CastsCopyInFp32():
+            return original(grad, *args, **kwargs)
+
+    orthogonalize.keeps_fp32_on_emulated_bf16 = True
+    _muon._zeropower_via_newtonschulz = orthogonalize
+    return True
+
+
+class _Bf16CastsCopyInFp32(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.bfloat16:  # a copy, as the cast is: the iterations work in place on it
+            return args[0].to(torch.float32, copy=True)
+        return func(*args, **(kwargs or {}))

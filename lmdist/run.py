@@ -24,13 +24,13 @@ from collections.abc import Iterator
 
 import torch
 
-from lmdist import checkpoint, data, engine, export, perf, rundir, streaming, tracking
+from lmdist import checkpoint, data, engine, export, optim, perf, rundir, streaming, tracking
 from lmdist.config import TrainConfig
 from lmdist.metrics import TokenMeter
 from lmdist.metrics import evaluate as evaluate_on
 from lmdist.models import build_model, count_parameters
+from lmdist.models import describe as describe_model
 from lmdist.models.memory import check_attention_memory
-from lmdist.optim import build_optimizer, build_scheduler, lr_at
 from lmdist.profiling import StepProfiler
 from lmdist.resume import (
     Progress,
@@ -71,6 +71,8 @@ class Run:
         self.profiler = self._closing.enter_context(  # off unless profile_steps
             StepProfiler(self.cfg, self.accelerator.device, self.accelerator.process_index))
         self.log.print_plan(self.plan, self.corpus, self.n_params)
+        self.log.print(describe_model(self.cfg))
+        self.log.print(optim.describe(self.cfg, self.optimizer, self.plan.total_steps))
         for warning in self.plan.warnings(self.cfg):
             self.log.print(warning)
         if self.resume:
@@ -125,10 +127,9 @@ class Run:
 
     def train_metrics(self, grad_norm: torch.Tensor) -> dict:
         """The training metrics since the last logged step, gathered from every rank (a collective)."""
-        step = self.progress.step
         return {**self.train_meter.compute(self.accelerator, "train"), "grad_norm": grad_norm.item(),
-                "lr": lr_at(step - 1, self.cfg, self.plan.total_steps), **self.throughput.report(),
-                **perf.peak_memory(self.accelerator.device)}
+                **optim.learning_rates(self.cfg, self.progress.step - 1, self.plan.total_steps),
+                **self.throughput.report(), **perf.peak_memory(self.accelerator.device)}
 
     def evaluate(self) -> dict:
         """val/loss, val/ppl and val/acc over the validation batches (a collective), outside tokens/s."""
@@ -188,6 +189,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
                            int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    optim.check_optimizer(cfg, sharded=engine.shards_model(accelerator))
     if cfg.resume == "auto" and finished(cfg):
         accelerator.print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do")
         return None
@@ -227,8 +229,8 @@ def setup(cfg: TrainConfig) -> Run | None:
     model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it
     model = engine.compile_if_asked(model, cfg, accelerator.device)
     loss_fn = engine.loss_function(cfg)  # compiled too, when the model is
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, plan.total_steps)
+    optimizer = optim.build_optimizer(cfg, model)
+    scheduler = optim.build_scheduler(cfg, optimizer, plan.total_steps)
     model, optimizer, scheduler = engine.prepare(accelerator, model, optimizer, scheduler)  # the loaders place batches
     engine.seed_everything(cfg.seed, accelerator, per_rank=True)  # but each rank its own dropout
 

@@ -514,16 +514,43 @@ def test_keep_best_evaluates_every_checkpoint_and_keeps_the_lowest(markov_files,
     assert kept == {6, best}
 
 
-def test_exact_resume_under_fsdp_on_cpu(resume_data, tmp_path):
-    """The interrupted-and-relaunched FSDP run is the uninterrupted FSDP run, bitwise (dropout 0.1)."""
+def interrupted_and_straight(resume_data, tmp_path, *flags: str, env: dict | None = None) -> tuple[Path, Path]:
+    """Run A with `flags` twice on 2 ranks: straight through, and stopped by SIGTERM at step 12 then relaunched."""
     straight = tmp_path / "straight"
-    run_ok(args_for(resume_data, straight), cwd=tmp_path, nproc=2, launcher="torchrun", env=FSDP)
-    assert read_run(straight)["distributed_type"] == "FSDP"
+    run_ok(args_for(resume_data, straight, *flags), cwd=tmp_path, nproc=2, launcher="torchrun", env=env)
     out = tmp_path / "run"
-    process = start(args_for(resume_data, out), tmp_path, FSDP)
+    process = start(args_for(resume_data, out, *flags), tmp_path, env)
     wait_for_step(out, 12, process)
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert "lmdist: stopped" in stderr, stderr[-3000:]
-    run_ok(args_for(resume_data, out), cwd=tmp_path, nproc=2, launcher="torchrun", env=FSDP)
+    run_ok(args_for(resume_data, out, *flags), cwd=tmp_path, nproc=2, launcher="torchrun", env=env)
+    return out, straight
+
+
+def test_exact_resume_under_fsdp_on_cpu(resume_data, tmp_path):
+    """The interrupted-and-relaunched FSDP run is the uninterrupted FSDP run, bitwise (dropout 0.1)."""
+    out, straight = interrupted_and_straight(resume_data, tmp_path, env=FSDP)
+    assert read_run(straight)["distributed_type"] == "FSDP"
     assert assert_same_as_reference(out, straight) > 0
+
+
+def test_exact_resume_with_muon_and_wsd(resume_data, tmp_path):
+    """Muon's momentum and AdamW's moments both come back: the relaunched run is the straight one, bitwise."""
+    out, straight = interrupted_and_straight(resume_data, tmp_path, "--optimizer", "muon", "--lr_schedule", "wsd")
+    assert assert_same_as_reference(out, straight) > 0
+    saved = torch.load(Path(checkpoint.step_dir(str(out), 40)) / "optimizer.pt", weights_only=True)
+    assert {"momentum_buffer", "exp_avg", "exp_avg_sq"} <= {name for state in saved["state"].values() for name in state}
+    last = [r["muon_lr"] for r in read_metrics(out) if r.get("step") == 40]
+    assert last == pytest.approx([0.002])  # wsd's end: min_lr is lr / 10, and muon_lr follows
+
+
+def test_muon_under_fsdp_is_refused_on_every_rank_before_training(resume_data, tmp_path):
+    out = tmp_path / "run"
+    result = launch(args_for(resume_data, out, "--optimizer", "muon"), cwd=tmp_path, nproc=2, launcher="torchrun",
+                    env=FSDP, timeout=240)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert (f"lmdist: error: [rank {rank}] --optimizer muon needs whole weight matrices on every rank, and FSDP "
+                "shards them: train Muon with DDP") in result.stderr, result.stderr[-3000:]
+    assert not (out / "checkpoints").exists() and "step 1/" not in result.stdout

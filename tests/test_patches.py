@@ -77,3 +77,37 @@ def test_the_autocast_patch_leaves_a_forward_accelerate_did_not_wrap(monkeypatch
     model.forward = wrapped = operations.convert_outputs_to_fp32(model.forward)  # as Accelerate's prepare does
     monkeypatch.delattr(operations, "ConvertOutputsToFp32")  # an accelerate that upcasts some other way
     assert patches.keep_autocast_outputs(model) is False and model.forward is wrapped
+
+
+def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(monkeypatch):
+    """On a CPU without bf16 kernels the Newton-Schulz iterations run in fp32 (an orthogonal-ish update of the
+    same gradient, to bf16's precision); on one with them, Muon's own bf16 path runs untouched."""
+    from torch.optim import _muon
+
+    monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz", _muon._zeropower_via_newtonschulz)  # undone after
+    original = _muon._zeropower_via_newtonschulz
+    assert patches.orthogonalize_in_fp32_where_bf16_is_emulated() is True
+    assert patches.orthogonalize_in_fp32_where_bf16_is_emulated() is True  # once: not wrapped twice
+    assert _muon._zeropower_via_newtonschulz.__wrapped__ is original
+    grad = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    args = ((3.4445, -4.775, 2.0315), 5, 1e-7)
+    bf16 = original(grad, *args)
+    for native, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr("lmdist.perf.native_cpu_bf16", lambda native=native: native)
+        update = _muon._zeropower_via_newtonschulz(grad, *args)
+        assert update.dtype == dtype and update.shape == grad.shape
+        assert torch.allclose(update.float(), bf16.float(), atol=0.05)
+        singular = torch.linalg.svdvals(update.float())
+        assert singular.min() > 0.5 and singular.max() < 1.5  # what Muon's quintic iteration makes of a matrix
+    weight = torch.nn.Parameter(grad.clone())
+    weight.grad = grad.clone()
+    torch.optim.Muon([weight], lr=0.1).step()  # torch's Muon calls the wrapper with its own arguments
+    assert not torch.equal(weight, grad)
+
+
+def test_the_muon_patch_does_nothing_without_its_internal(monkeypatch):
+    from torch.optim import _muon
+
+    monkeypatch.delattr(_muon, "_zeropower_via_newtonschulz")
+    assert patches.orthogonalize_in_fp32_where_bf16_is_emulated() is False
+    assert not hasattr(_muon, "_zeropower_via_newtonschulz")
