@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from lmdist import perf  # noqa: E402
 
-GPT2 = ("--model gpt --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --dropout 0 --tokenizer bpe "
-        "--bpe_vocab_size 50257 --vocab_multiple 50304 --lr 6e-4 --warmup_steps 10 --epochs 1000 --wandb_mode disabled "
+GPT2 = ("--model gpt --gpt_style gpt2 --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --dropout 0 "
+        "--tokenizer bpe --bpe_vocab_size 50257 --vocab_multiple 50304 --lr 6e-4 --warmup_steps 10 --epochs 1000 "
+        "--wandb_mode disabled "
         "--eval_every 1000000 --save_every 1000000 --eval_batches 1")
 WARMUP_WINDOWS = 3
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -108,7 +109,49 @@ def render(results: dict) -> str:
         lines += _table(["source", "tokenizer", "MB", "tokens", "cold MB/s", "warm MB/s"],
                         [[r["source"], r["tokenizer"], f"{r['mb']:.2f}", _n(r["tokens"]), f"{r['cold_mb_per_s']:.2f}",
                           f"{r['warm_mb_per_s']:.2f}"] for r in results["data"]]) + [""]
+    if "time_to_loss" in results:
+        lines += _time_to_loss(results["time_to_loss"], targets)
     return "\n".join([*lines, END])
+
+
+def _spread(summary: dict | None, fmt: str) -> str:
+    if summary is None:
+        return "not reached"
+    return f"{summary['median']:{fmt}} ({summary['min']:{fmt}} to {summary['max']:{fmt}})"
+
+
+def _judged(targeted: bool, summary: dict | None, ok) -> str:
+    """The verdict on a median, where a target applies to it."""
+    return f" ({_verdict(ok(summary['median']))})" if targeted and summary is not None else ""
+
+
+def _time_to_loss(rows: list[dict], targets: dict) -> list[str]:
+    lines = ["**Time to loss**: the `modern` recipe (`" + rows[0]["recipes"]["modern"] + "`) against the `gpt2` "
+             "recipe (`" + rows[0]["recipes"]["gpt2"] + "`, AdamW and cosine, today's), the same corpus, shape, "
+             "batches and steps, 1 process; validation loss on the same fixed batches; training time excludes "
+             "evaluation and start-up. Medians over seeds (min to max). Targets at GPT S: time to the gpt2 run's "
+             f"final loss <= {targets['time_to_loss']}x its time, a loss lower by >= {targets['loss_gain']} nats "
+             f"at equal steps, modern tokens/s >= {targets['modern_speed']}x gpt2's", ""]
+    table = []
+    for r in rows:
+        s, seeds = r["summary"], len(r["per_seed"])
+        ablation = r["runs"]["modern_adamw"][0]["curve"][-1]["val_loss"] if r["runs"]["modern_adamw"] else None
+        gpt_s = r["size"] == "GPT S"
+        table.append([
+            f"{r['size']} ({r['corpus']}, {r['steps']} steps, eval every {r['every']}, "
+            f"{seeds} seed{'s' * (seeds > 1)})",
+            f"{statistics.median(p['target'] for p in r['per_seed']):.3f}",
+            f"{statistics.median(p['modern_final'] for p in r['per_seed']):.3f}",
+            _spread(s["gain_at_equal_steps"], ".3f")
+            + _judged(gpt_s, s["gain_at_equal_steps"], lambda x: x >= targets["loss_gain"]),
+            _spread(s["steps_to_target"], ".0f"),
+            _spread(s["time_ratio"], ".2f") + _judged(gpt_s, s["time_ratio"], lambda x: x <= targets["time_to_loss"]),
+            _spread(s["speed_ratio"], ".2f") + _judged(gpt_s, s["speed_ratio"], lambda x: x >= targets["modern_speed"]),
+            "" if ablation is None else f"{ablation:.3f}"])
+    lines += _table(["size", "gpt2 final val loss", "modern final val loss", "gain at equal steps (nats)",
+                     "modern steps to gpt2's final loss", "time to it / gpt2's time", "tokens/s modern / gpt2",
+                     "modern architecture with gpt2's AdamW+cosine: final val loss"], table)
+    return lines + [""]
 
 
 def update_readme(path: str, results: dict) -> None:

@@ -40,28 +40,52 @@ WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 SIZES = {
     # pairs: at least this many A/B pairs when compared; the small models' short steps are the noisiest here
     # (4 pairs of GPT S spread from 0.94 to 1.02 in one run, 8 of LSTM S from 0.87 to 1.10)
-    "GPT S": dict(flags="--model gpt --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 --batch_size 32", window=25,
-                  pairs=8),
-    "GPT M": dict(flags="--model gpt --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 8", window=4),
-    "GPT L": dict(flags="--model gpt --n_layer 12 --n_head 12 --n_embd 768 --block_size 256 --batch_size 4", window=1),
+    "GPT S": dict(flags="--model gpt --gpt_style gpt2 --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 "
+                        "--batch_size 32", window=25, pairs=8),
+    "GPT M": dict(flags="--model gpt --gpt_style gpt2 --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 "
+                        "--batch_size 8", window=4),
+    "GPT L": dict(flags="--model gpt --gpt_style gpt2 --n_layer 12 --n_head 12 --n_embd 768 --block_size 256 "
+                        "--batch_size 4", window=1),
     "LSTM S": dict(flags="--model lstm --embedding_dim 200 --hidden_dim 200 --num_layers 2 --block_size 35 "
                          "--batch_size 20", window=100, pairs=8),
     "LSTM M": dict(flags="--model lstm --embedding_dim 650 --hidden_dim 650 --num_layers 2 --block_size 35 "
                          "--batch_size 20", window=10),
 }
 SMOKE_SIZES = {
-    "GPT S": dict(flags="--model gpt --n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4", window=2),
+    "GPT S": dict(flags="--model gpt --gpt_style gpt2 --n_layer 1 --n_head 2 --n_embd 32 --block_size 32 "
+                        "--batch_size 4", window=2),
     "LSTM S": dict(flags="--model lstm --embedding_dim 32 --hidden_dim 32 --num_layers 1 --block_size 16 "
                          "--batch_size 4", window=2),
 }
 # Nothing but training in the measured windows: no evaluation or checkpoint before the last step, no W&B.
 COMMON = "--wandb_mode disabled --eval_every 1000000 --save_every 1000000 --eval_batches 1 --warmup_steps 2"
-TARGETS = {"overhead": 0.97, "scaling": 0.90, "data_wait": 0.01, "mfu_fp32": 0.45}
+TARGETS = {"overhead": 0.97, "scaling": 0.90, "data_wait": 0.01, "mfu_fp32": 0.45,
+           "time_to_loss": 0.4, "loss_gain": 0.15, "modern_speed": 0.8}
+
+# time_to_loss: the recipes compared, on the shapes of the issue (GPT S is nanoGPT's CPU shape and recipe).
+# `every`: steps between evaluations on the same fixed validation batches (2.5% of the run: the crossing
+# step is found to within that); `seeds`: runs per recipe (the ablation's architecture alone takes one).
+RECIPES = {
+    "gpt2": "--gpt_style gpt2 --lr 1e-3 --min_lr 1e-4",  # today's recipe: AdamW, cosine (nanoGPT's char values)
+    "modern": "--gpt_style modern --optimizer muon --lr_schedule wsd --min_lr 0",
+    "modern_adamw": "--gpt_style modern --lr 1e-3 --min_lr 1e-4",  # the architecture alone, today's optimizer
+}
+TTL_COMMON = ("--model gpt --tokenizer char --dropout 0 --warmup_steps 100 --weight_decay 0.1 --eval_batches 40 "
+              "--save_every 1000000 --wandb_mode disabled")
+TTL_SIZES = {
+    "GPT S": dict(flags="--n_layer 4 --n_head 4 --n_embd 128 --block_size 64 --batch_size 12", steps=2000, every=50,
+                  seeds=3),
+    "GPT M": dict(flags="--n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 8", steps=250, every=10,
+                  seeds=1),  # about 10 minutes a run here
+}
+TTL_SMOKE = {"GPT S": dict(flags="--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4", steps=20,
+                           every=5, seeds=1)}
 
 
 class Bench:
-    def __init__(self, smoke: bool, repeats: int, workdir: str):
+    def __init__(self, smoke: bool, repeats: int, workdir: str, ttl_sizes: list[str] | None = None):
         self.smoke, self.repeats, self.workdir = smoke, repeats, Path(workdir)
+        self.ttl_sizes = TTL_SMOKE if smoke else {size: TTL_SIZES[size] for size in ttl_sizes or TTL_SIZES}
         self.sizes = SMOKE_SIZES if smoke else SIZES
         self.windows = 1 if smoke else 3  # measured windows per run, after one warm-up window
         self.runs = 0
@@ -223,6 +247,49 @@ class Bench:
                              "peak_rss_mb": run["peak_rss_mb"]})
         return rows
 
+    def time_to_loss(self) -> list[dict]:
+        """The modern recipe (RoPE, RMSNorm, QK-norm, SwiGLU, Muon, wsd) against GPT-2's (AdamW, cosine), the same
+        corpus, shape, batches and steps: validation loss at equal steps, and the steps and training time the
+        modern run takes to first reach the baseline's final validation loss. Training time is the sum of the
+        logged windows' durations (tokens / tokens per second): evaluation and start-up stay out of both.
+        """
+        data = ["--dataset", "builtin"]
+        if WIKITEXT.is_dir() and not self.smoke:  # optional input: WikiText-2, character-level
+            data = ["--dataset", str(WIKITEXT / "test.txt"), "--val_dataset", str(WIKITEXT / "valid.txt")]
+        rows = []
+        for size, shape in self.ttl_sizes.items():
+            runs: dict[str, list[dict]] = {name: [] for name in RECIPES}
+            for seed in range(shape["seeds"]):
+                order = ["gpt2", "modern"] if seed % 2 == 0 else ["modern", "gpt2"]  # alternate who goes first
+                for name in order + (["modern_adamw"] if seed == 0 else []):
+                    runs[name].append(self._curve(size, shape, name, seed, data))
+            rows.append({"size": size, "steps": shape["steps"], "every": shape["every"],
+                         "corpus": "wikitext-2 char" if len(data) > 2 else "builtin char",
+                         "flags": f"{TTL_COMMON} {shape['flags']}", "recipes": RECIPES,
+                         "runs": runs, **crossings(runs)})
+        return rows
+
+    def _curve(self, size: str, shape: dict, recipe: str, seed: int, data: list[str]) -> dict:
+        """One run's validation curve, training time at each evaluation, and median tokens/s."""
+        self.runs += 1
+        out = self.workdir / f"run{self.runs:03d}"
+        flags = [*f"{TTL_COMMON} {shape['flags']} {RECIPES[recipe]}".split(), *data, "--seed", str(seed),
+                 "--max_steps", str(shape["steps"]), "--eval_every", str(shape["every"]),
+                 "--log_every", str(shape["every"]), "--output_dir", str(out)]
+        done = subprocess.run([sys.executable, str(TRAIN), *flags], cwd=self.workdir, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench run failed ({' '.join(flags)}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        seconds, tokens, curve = 0.0, 0, []
+        for row in rows:
+            if "tokens_per_sec" in row:
+                seconds += (row["tokens_seen"] - tokens) / row["tokens_per_sec"]
+                tokens = row["tokens_seen"]
+            if "val/loss" in row:
+                curve.append({"step": row["step"], "val_loss": row["val/loss"], "train_s": seconds})
+        return {"seed": seed, "curve": curve, "train_s": seconds,
+                "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r)}
+
     def run(self, sections: list[str]) -> dict:
         seconds = 0.5 if self.smoke else 3.0
         cpu = torch.device("cpu")
@@ -237,6 +304,27 @@ class Bench:
             results[section] = method(peak) if section in ("efficiency", "options") else method()
             print(f"bench: {section} done in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
         return results
+
+
+def crossings(runs: dict[str, list[dict]]) -> dict:
+    """Per seed: the baseline's final validation loss, the first evaluation at which the modern run is at or below
+    it (step and training time), their ratios, and the loss gap at equal steps; then medians and spreads."""
+    per_seed = []
+    for base, modern in zip(runs["gpt2"], runs["modern"], strict=True):
+        target = base["curve"][-1]["val_loss"]
+        reached = next((point for point in modern["curve"] if point["val_loss"] <= target), None)
+        per_seed.append({
+            "seed": base["seed"], "target": target, "modern_final": modern["curve"][-1]["val_loss"],
+            "gain_at_equal_steps": target - modern["curve"][-1]["val_loss"],
+            "steps_to_target": reached and reached["step"], "seconds_to_target": reached and reached["train_s"],
+            "time_ratio": reached and reached["train_s"] / base["train_s"],
+            "speed_ratio": modern["tokens_per_sec"] / base["tokens_per_sec"]})
+    summary = {}
+    for key in ("gain_at_equal_steps", "time_ratio", "speed_ratio", "steps_to_target"):
+        values = [s[key] for s in per_seed]
+        summary[key] = None if None in values else {"median": statistics.median(values), "min": min(values),
+                                                     "max": max(values)}
+    return {"per_seed": per_seed, "summary": summary}
 
 
 def merge(runs: list[dict]) -> dict:
@@ -278,7 +366,7 @@ def machine() -> dict:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
-SECTIONS = ("overhead", "scaling", "collectives", "data", "efficiency", "options")
+SECTIONS = ("overhead", "scaling", "collectives", "data", "efficiency", "options", "time_to_loss")
 
 
 def main() -> None:
@@ -287,6 +375,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="runs of each compared configuration (default 4: "
                                                                   "A B, B A, A B, B A)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument("--ttl_sizes", default=",".join(TTL_SIZES),
+                        help=f"time_to_loss: comma-separated sizes of {tuple(TTL_SIZES)} (GPT M takes ~30 min)")
     parser.add_argument("--out", default=None, help="figures as JSON (default bench/results.json; smoke: none)")
     parser.add_argument("--readme", default=None, help="README whose tables to regenerate "
                                                        "(default bench/README.md; smoke: none)")
@@ -295,6 +385,10 @@ def main() -> None:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
+    ttl_sizes = [s for s in args.ttl_sizes.split(",") if s]
+    if set(ttl_sizes) - set(TTL_SIZES):
+        parser.error(f"unknown --ttl_sizes {sorted(set(ttl_sizes) - set(TTL_SIZES))}: choose from "
+                     f"{', '.join(TTL_SIZES)}")
     if "options" in sections or "efficiency" in sections:  # they reuse the overhead runs when there are some
         sections = sorted(sections, key=SECTIONS.index)
     out = args.out or (None if args.smoke else str(REPO / "bench" / "results.json"))
@@ -304,9 +398,9 @@ def main() -> None:
         parser.error(f"{out} holds figures from another machine or torch; a partial run would mix them into one "
                      "table: run the whole suite here (without --only), or pass --out for a separate file")
     with tempfile.TemporaryDirectory(prefix="lmdist-bench-") as workdir:
-        results = Bench(args.smoke, 1 if args.smoke else args.repeats, workdir).run(sections)
+        results = Bench(args.smoke, 1 if args.smoke else args.repeats, workdir, ttl_sizes).run(sections)
     if partial:  # a partial run refreshes its sections
-        results = {**json.loads(Path(out).read_text()), **{s: results[s] for s in sections}}
+        results = {**json.loads(Path(out).read_text()), **{s: results[s] for s in sections}, "targets": TARGETS}
     if out:  # first: the figures outlive any problem in presenting them
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"bench: figures written to {out}", file=sys.stderr)

@@ -255,6 +255,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.warmup_steps >= 0, "warmup_steps", "must be non-negative")
     need(cfg.weight_decay >= 0, "weight_decay", "must be non-negative")
     need(cfg.muon_lr >= 0, "muon_lr", "must be non-negative")
+    need(cfg.optimizer != "muon" or cfg.lr > 0, "lr", "must be positive with --optimizer muon: the schedule scales "
+         "muon_lr by lr's factor")
     need(0 <= cfg.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
     need(0 <= cfg.decay_fraction <= 1, "decay_fraction", "must be between 0 and 1")
     need(0 <= cfg.beta1 < 1, "beta1", "must be in [0, 1)")

@@ -38,9 +38,7 @@ def _decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]
 
 
 def _muon_with_adamw(cfg: TrainConfig, model: torch.nn.Module, params: list[torch.Tensor]) -> MuonWithAdamW:
-    if not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"--optimizer muon needs torch {MUON_SINCE} or newer (torch.optim.Muon); this is torch "
-                          f"{torch.__version__}: upgrade torch, or choose --optimizer adamw")
+    _check_torch_has_muon()
     patches.orthogonalize_in_fp32_where_bf16_is_emulated()
     matrices = getattr(model, "_orig_mod", model).hidden_matrices()  # a compiled model's own module
     hidden = {id(p) for p in matrices}
@@ -87,12 +85,21 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def check_optimizer(cfg: TrainConfig, sharded: bool) -> None:
-    """Refuse Muon on a sharded (FSDP) model before any work: its Newton-Schulz step orthogonalises whole
-    matrices, and each rank would orthogonalise its own shard instead, training another model in silence."""
-    if cfg.optimizer == "muon" and sharded:
+    """Refuse Muon before any work where it cannot train: on a torch without it, or on a sharded (FSDP) model,
+    whose ranks would each orthogonalise their own shard of a matrix instead of the matrix, in silence."""
+    if cfg.optimizer != "muon":
+        return
+    _check_torch_has_muon()
+    if sharded:
         raise ConfigError("--optimizer muon needs whole weight matrices on every rank, and FSDP shards them: "
                           "train Muon with DDP (launch without the FSDP config), or keep FSDP with "
                           "--optimizer adamw")
+
+
+def _check_torch_has_muon() -> None:
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer muon needs torch {MUON_SINCE} or newer (torch.optim.Muon); this is torch "
+                          f"{torch.__version__}: upgrade torch, or choose --optimizer adamw")
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -121,9 +128,10 @@ def learning_rates(cfg: TrainConfig, step: int, total_steps: int) -> dict[str, f
 
 
 def wsd_phases(cfg: TrainConfig, total_steps: int) -> tuple[int, int]:
-    """wsd: (the first decaying step, 0-based; how many steps decay): the last decay_fraction of the run."""
-    decay_steps = max(1, round(cfg.decay_fraction * total_steps))
-    return total_steps - decay_steps, decay_steps
+    """wsd: (the first decaying step, 0-based; how many steps decay): the last decay_fraction of the run, or
+    what follows the warm-up when that is less (the rate then decays from its peak, never jumps down)."""
+    decay_start = max(total_steps - max(1, round(cfg.decay_fraction * total_steps)), cfg.warmup_steps)
+    return decay_start, max(1, total_steps - decay_start)
 
 
 def describe(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> str:
@@ -139,7 +147,7 @@ def describe(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: in
     warm = f"warm-up {min(cfg.warmup_steps, total_steps)} steps"
     if cfg.lr_schedule == "wsd":
         decay_start, decay_steps = wsd_phases(cfg, total_steps)
-        shape = (f"{warm}, stable to step {max(decay_start, cfg.warmup_steps)}, linear decay to "
+        shape = (f"{warm}, stable to step {decay_start}, linear decay to "
                  f"{cfg.effective_min_lr:.3g} over the last {decay_steps}")
     elif cfg.lr_schedule == "constant":
         shape = f"{warm}, then constant"

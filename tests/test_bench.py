@@ -1,6 +1,7 @@
 """The benchmark harness: its smoke mode runs every section end to end, and bench/README.md shows its figures."""
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -40,6 +41,13 @@ def test_smoke_run_exercises_every_section(tmp_path):
     assert all(r["mfu_fp32"] > 0 and r["peak_rss_mb"] > 0 for r in results["efficiency"])
     assert {(r["size"], r["option"]) for r in results["options"]} == {
         (s, o) for s in ("GPT S", "LSTM S") for o in ("compile", "bf16")}
+    ttl, = results["time_to_loss"]
+    assert ttl["size"] == "GPT S" and {name: len(runs) for name, runs in ttl["runs"].items()} == {
+        "gpt2": 1, "modern": 1, "modern_adamw": 1}
+    curve = ttl["runs"]["modern"][0]["curve"]
+    assert [p["step"] for p in curve] == [5, 10, 15, 20]
+    assert all(b["train_s"] > a["train_s"] > 0 for a, b in itertools.pairwise(curve))
+    assert ttl["per_seed"][0]["target"] == ttl["runs"]["gpt2"][0]["curve"][-1]["val_loss"]
     text = readme.read_text()
     assert report.render(results) in text and "stale table" not in text and text.endswith("after\n")
     assert report.render(results) in done.stdout  # the table is printed too
@@ -101,3 +109,18 @@ def test_the_readme_headline_figures_are_the_saved_ones():
                    f"{min(scaling):.2f} to {max(scaling):.2f} times", f"{mfu['GPT M']:.1%} and {mfu['GPT L']:.1%}",
                    f"{gpu['tokens_per_sec']:,.0f} tokens/s", f"{gpu['mfu_datasheet']:.1%} MFU"):
         assert figure in headline, f"README's headline figure {figure!r} is not the saved one: see bench/README.md"
+
+
+def test_the_readme_gpt_recipe_figures_are_the_saved_ones():
+    """The README's GPT section quotes bench/results.json's time_to_loss at GPT S."""
+    section = (REPO / "README.md").read_text().partition("\n## The GPT: a modern recipe, and Muon\n")[2]
+    section = " ".join(section.partition("\n## ")[0].split())  # one line: figures may wrap
+    ttl = next(r for r in json.loads((REPO / "bench" / "results.json").read_text())["time_to_loss"]
+               if r["size"] == "GPT S")
+    summary = ttl["summary"]
+    for figure in (f"after {summary['steps_to_target']['median']:.0f} of its {ttl['steps']} steps",
+                   f"{summary['time_ratio']['median']:.2f} of its training time",
+                   f"{summary['gain_at_equal_steps']['median']:.2f} nats lower",
+                   f"{summary['speed_ratio']['median']:.2f} times its tokens/s",
+                   f"{len(ttl['per_seed'])} seeds"):
+        assert figure in section, f"README's GPT figure {figure!r} is not the saved one"

@@ -103,6 +103,15 @@ def test_wsd_holds_lr_then_decays_over_the_last_fraction(total):
     assert all(a > b for a, b in itertools.pairwise(lrs))
 
 
+def test_wsd_decays_from_the_peak_when_the_warm_up_reaches_into_its_decay():
+    """150 steps, 100 of warm-up, a 0.4 decay: the decay takes the 50 steps after the warm-up, without a jump."""
+    cfg = make_config({"lr": 1.0, "min_lr": 0.1, "warmup_steps": 100, "lr_schedule": "wsd", "decay_fraction": 0.4})
+    assert optim.wsd_phases(cfg, 150) == (100, 50)
+    lrs = [optim.lr_at(step, cfg, 150) for step in range(150)]
+    assert lrs[99] == 1.0 and lrs[100] == pytest.approx(1.0 - 0.9 / 50) and lrs[-1] == pytest.approx(0.1)
+    assert max(abs(a - b) for a, b in itertools.pairwise(lrs[99:])) == pytest.approx(0.9 / 50)
+
+
 def test_the_plan_names_the_optimizers_and_the_phases():
     cfg = make_config({**SMALL_GPT, "lr_schedule": "wsd", "decay_fraction": 0.25, "warmup_steps": 10})
     line = optim.describe(cfg, optim.build_optimizer(cfg, build_model(cfg, 65)), 200)
@@ -111,11 +120,18 @@ def test_the_plan_names_the_optimizers_and_the_phases():
                     "last 50")
 
 
-def test_muon_without_torch_muon_names_the_version(monkeypatch):
+def test_muon_without_torch_muon_names_the_version_before_any_work(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
     cfg = make_config(SMALL_GPT)
-    with pytest.raises(ConfigError, match=r"needs torch 2\.9 or newer .*--optimizer adamw"):
-        optim.build_optimizer(cfg, build_model(cfg, 65))
+    for refusal in (lambda: optim.check_optimizer(cfg, sharded=False),
+                    lambda: optim.build_optimizer(cfg, build_model(cfg, 65))):
+        with pytest.raises(ConfigError, match=r"needs torch 2\.9 or newer .*--optimizer adamw"):
+            refusal()
+
+
+def test_muon_needs_a_positive_lr_whose_schedule_it_follows():
+    with pytest.raises(ConfigError, match=r"--lr 0\.0: must be positive with --optimizer muon"):
+        make_config({**SMALL_GPT, "lr": 0.0})
 
 
 def test_muon_on_a_sharded_model_is_refused_naming_what_works():
