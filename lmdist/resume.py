@@ -207,6 +207,9 @@ def refuse_changes(saved: dict, cfg: TrainConfig, where: str, label: str, fix: s
     changed = [f"{k} ({label} {saved[k]!r}, now {now[k]!r})" for k in now
                if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and saved[k] != now[k]]
     if changed:
+        if not fix and saved["gpt_style"] != now["gpt_style"] and saved["gpt_style"] == "gpt2":
+            fix = ("relaunch with --gpt_style gpt2 (a run from before lmdist's GPT styles is gpt2's; the default "
+                   "is now modern), or start a new output_dir")
         raise ConfigError(f"this relaunch differs from {where} in {'; '.join(changed)}: "
                           f"{fix or 'relaunch with its values, or start a new output_dir'}")
 
