@@ -19,7 +19,8 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
 
     The loss and the hit count read the same logits: compiled together (`--compile`), the hits' `amax` shares
     the softmax's pass over batch x time x vocab instead of making one of its own. A top-1 hit is "the target's
-    logit is the largest" (amax + gather, far cheaper than argmax on CPU; a tie for the top counts as a hit).
+    logit is the largest" (amax + gather, far cheaper than argmax on CPU; a tie for the top counts as a hit, except
+    in a row of equal logits, which predicts nothing: a zero-initialised head's, before it has learned).
     Every target counts: training sequences are whole."""
     flat, flat_targets = logits.flatten(0, 1), targets.flatten()
     loss = F.cross_entropy(flat.float(), flat_targets)
@@ -29,8 +30,10 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
 
 
 def top1_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Whether each target's logit is the largest of its row (logits (..., vocab), targets (...))."""
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= logits.amax(-1)
+    """Whether each target's logit is the largest of its row (logits (..., vocab), targets (...)) and the row
+    not constant."""
+    top = logits.amax(-1)
+    return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= top) & (top > logits.amin(-1))
 
 
 class TokenMeter:

@@ -51,6 +51,7 @@ def test_meter_is_token_weighted_across_updates():
 
 
 def test_accuracy_agrees_with_argmax_and_counts_a_tie_for_the_top_as_a_hit():
+    """A tie for the top is a hit, except in a row of equal logits (a zero-initialised head), which predicts nothing."""
     torch.manual_seed(0)
     logits, targets = torch.randn(3, 50, 17), torch.randint(0, 17, (3, 50))
     targets[0, :10] = IGNORE_INDEX
@@ -66,6 +67,8 @@ def test_accuracy_agrees_with_argmax_and_counts_a_tie_for_the_top_as_a_hit():
     tie = torch.tensor([[[1.0, 2.0, 2.0], [2.0, 2.0, 1.0]]])
     meter.update(tie, torch.tensor([[2, 2]]))  # tied for the top (argmax would say 1); below the top
     assert meter.compute(OneProcess, "val")["val/acc"] == 0.5
+    meter.update(torch.zeros(1, 4, 3), torch.tensor([[0, 1, 2, 0]]))  # a zero head's rows: equal, no prediction
+    assert meter.compute(OneProcess, "val")["val/acc"] == 0.0
 
 
 def test_schedule_warmup_then_decay_to_min_lr():

@@ -84,8 +84,9 @@ def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(monkeypatch):
     same gradient, to bf16's precision); on one with them, Muon's own bf16 path runs untouched."""
     from torch.optim import _muon
 
-    monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz", _muon._zeropower_via_newtonschulz)  # undone after
-    original = _muon._zeropower_via_newtonschulz
+    current = _muon._zeropower_via_newtonschulz  # already wrapped when an earlier test built a Muon optimizer
+    original = getattr(current, "__wrapped__", current)
+    monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz", original)  # torch's own, until the test ends
     assert patches.orthogonalize_in_fp32_where_bf16_is_emulated() is True
     assert patches.orthogonalize_in_fp32_where_bf16_is_emulated() is True  # once: not wrapped twice
     assert _muon._zeropower_via_newtonschulz.__wrapped__ is original
