@@ -40,7 +40,7 @@ def _decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]
 def _muon_with_adamw(cfg: TrainConfig, model: torch.nn.Module, params: list[torch.Tensor]) -> MuonWithAdamW:
     _check_torch_has_muon()
     patches.orthogonalize_in_fp32_where_bf16_is_emulated()
-    matrices = getattr(model, "_orig_mod", model).hidden_matrices()  # a compiled model's own module
+    matrices = model.hidden_matrices()  # compile_if_asked compiles in place: the model keeps its methods
     hidden = {id(p) for p in matrices}
     rest = [p for p in params if id(p) not in hidden]
     muon = torch.optim.Muon([p for p in matrices if p.requires_grad], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
