@@ -111,6 +111,8 @@ def render(results: dict) -> str:
                           f"{r['warm_mb_per_s']:.2f}"] for r in results["data"]]) + [""]
     if "time_to_loss" in results:
         lines += _time_to_loss(results["time_to_loss"], targets)
+    if "step_costs" in results:
+        lines += _step_costs(results["step_costs"])
     return "\n".join([*lines, END])
 
 
@@ -152,6 +154,18 @@ def _time_to_loss(rows: list[dict], targets: dict) -> list[str]:
                      "modern steps to gpt2's final loss", "time to it / gpt2's time", "tokens/s modern / gpt2",
                      "modern architecture with gpt2's AdamW+cosine: final val loss"], table)
     return lines + [""]
+
+
+def _step_costs(rows: list[dict]) -> list[str]:
+    lines = ["**Step costs**: where each time_to_loss recipe's step goes, in milliseconds: the forward (with the "
+             "loss), the backward and the optimizer step timed apart, 1 process, the recipes alternating; medians "
+             "over repeats (min to max)", ""]
+    table = []
+    for r in rows:
+        for name, phases in r["ms"].items():
+            total = sum(p["median"] for p in phases.values())
+            table.append([r["size"], name, *(_spread(phases[phase], ".1f") for phase in phases), f"{total:.1f}"])
+    return lines + _table(["size", "recipe", "forward ms", "backward ms", "optimizer ms", "step ms"], table) + [""]
 
 
 def update_readme(path: str, results: dict) -> None:

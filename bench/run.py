@@ -74,12 +74,13 @@ TTL_COMMON = ("--model gpt --tokenizer char --dropout 0 --warmup_steps 100 --wei
               "--save_every 1000000 --wandb_mode disabled")
 TTL_SIZES = {
     "GPT S": dict(flags="--n_layer 4 --n_head 4 --n_embd 128 --block_size 64 --batch_size 12", steps=2000, every=50,
-                  seeds=3),
+                  seeds=3, cost_steps=20),
     "GPT M": dict(flags="--n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 8", steps=250, every=10,
-                  seeds=1),  # about 10 minutes a run here
+                  seeds=1, cost_steps=4),  # about 10 minutes a run here
 }
 TTL_SMOKE = {"GPT S": dict(flags="--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4", steps=20,
-                           every=5, seeds=1)}
+                           every=5, seeds=1, cost_steps=2)}
+STEP_PHASES = ("forward", "backward", "optimizer")
 
 
 class Bench:
@@ -269,6 +270,44 @@ class Bench:
                          "runs": runs, **crossings(runs)})
         return rows
 
+    def step_costs(self) -> list[dict]:
+        """What each time_to_loss recipe spends a training step on: milliseconds in the forward (with the loss),
+        the backward and the optimizer step, timed apart in this process on random tokens (a 128-token
+        vocabulary) with lmdist's threads, model and optimizer; the recipes alternate, `repeats` times."""
+        from lmdist import optim
+        from lmdist.config import parse_args
+        from lmdist.models import build_model
+
+        rows = []
+        for size, shape in self.ttl_sizes.items():
+            samples = {name: {phase: [] for phase in STEP_PHASES} for name in RECIPES}
+            for repeat in range(self.repeats):
+                for name in RECIPES if repeat % 2 == 0 else reversed(RECIPES):
+                    cfg = parse_args(f"{TTL_COMMON} {shape['flags']} {RECIPES[name]}".split())
+                    torch.set_num_threads(launch.threads_per_process(cfg))
+                    torch.manual_seed(repeat)
+                    model = build_model(cfg, 128)
+                    optimizer = optim.build_optimizer(cfg, model)
+                    tokens = torch.randint(0, 128, (cfg.batch_size, cfg.block_size + 1))
+                    phases = []
+                    for _ in range(2 + shape["cost_steps"]):  # the first two warm up the allocator and kernels
+                        began = time.perf_counter()
+                        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
+                                                                 tokens[:, 1:].flatten())
+                        forward = time.perf_counter()
+                        loss.backward()
+                        backward = time.perf_counter()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        phases.append((forward - began, backward - forward, time.perf_counter() - backward))
+                    for phase, seconds in zip(STEP_PHASES, zip(*phases[2:], strict=True), strict=True):
+                        samples[name][phase].append(statistics.median(seconds) * 1e3)
+            rows.append({"size": size, "flags": f"{TTL_COMMON} {shape['flags']}", "steps": shape["cost_steps"],
+                         "ms": {name: {phase: {"median": statistics.median(values), "min": min(values),
+                                               "max": max(values)} for phase, values in phases.items()}
+                                for name, phases in samples.items()}})
+        return rows
+
     def _curve(self, size: str, shape: dict, recipe: str, seed: int, data: list[str]) -> dict:
         """One run's validation curve, training time at each evaluation, and median tokens/s."""
         self.runs += 1
@@ -366,7 +405,7 @@ def machine() -> dict:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
-SECTIONS = ("overhead", "scaling", "collectives", "data", "efficiency", "options", "time_to_loss")
+SECTIONS = ("overhead", "scaling", "collectives", "data", "efficiency", "options", "time_to_loss", "step_costs")
 
 
 def main() -> None:
@@ -376,7 +415,8 @@ def main() -> None:
                                                                   "A B, B A, A B, B A)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--ttl_sizes", default=",".join(TTL_SIZES),
-                        help=f"time_to_loss: comma-separated sizes of {tuple(TTL_SIZES)} (GPT M takes ~30 min)")
+                        help=f"time_to_loss and step_costs: comma-separated sizes of {tuple(TTL_SIZES)} "
+                             "(GPT M's time_to_loss takes ~30 min)")
     parser.add_argument("--out", default=None, help="figures as JSON (default bench/results.json; smoke: none)")
     parser.add_argument("--readme", default=None, help="README whose tables to regenerate "
                                                        "(default bench/README.md; smoke: none)")
@@ -393,14 +433,19 @@ def main() -> None:
         sections = sorted(sections, key=SECTIONS.index)
     out = args.out or (None if args.smoke else str(REPO / "bench" / "results.json"))
     readme = args.readme or (None if args.smoke else str(REPO / "bench" / "README.md"))
-    partial = out and Path(out).exists() and set(sections) != set(SECTIONS)
+    partial = out and Path(out).exists() and (set(sections) != set(SECTIONS) or set(ttl_sizes) != set(TTL_SIZES))
     if partial and not same_machine(json.loads(Path(out).read_text())["machine"], machine()):
         parser.error(f"{out} holds figures from another machine or torch; a partial run would mix them into one "
                      "table: run the whole suite here (without --only), or pass --out for a separate file")
     with tempfile.TemporaryDirectory(prefix="lmdist-bench-") as workdir:
         results = Bench(args.smoke, 1 if args.smoke else args.repeats, workdir, ttl_sizes).run(sections)
-    if partial:  # a partial run refreshes its sections
-        results = {**json.loads(Path(out).read_text()), **{s: results[s] for s in sections}, "targets": TARGETS}
+    if partial:  # a partial run refreshes its sections (those per size: the sizes it ran)
+        saved = json.loads(Path(out).read_text())
+        for section in set(sections) & {"time_to_loss", "step_costs"}:
+            ran = {row["size"] for row in results[section]}
+            kept = [row for row in saved.get(section, []) if row["size"] not in ran]
+            results[section] = sorted(kept + results[section], key=lambda row: list(TTL_SIZES).index(row["size"]))
+        results = {**saved, **{s: results[s] for s in sections}, "targets": TARGETS}
     if out:  # first: the figures outlive any problem in presenting them
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"bench: figures written to {out}", file=sys.stderr)

@@ -48,6 +48,9 @@ def test_smoke_run_exercises_every_section(tmp_path):
     assert [p["step"] for p in curve] == [5, 10, 15, 20]
     assert all(b["train_s"] > a["train_s"] > 0 for a, b in itertools.pairwise(curve))
     assert ttl["per_seed"][0]["target"] == ttl["runs"]["gpt2"][0]["curve"][-1]["val_loss"]
+    costs, = results["step_costs"]
+    assert costs["size"] == "GPT S" and set(costs["ms"]) == {"gpt2", "modern", "modern_adamw"}
+    assert all(costs["ms"][name][phase]["median"] > 0 for name in costs["ms"] for phase in bench_run.STEP_PHASES)
     text = readme.read_text()
     assert report.render(results) in text and "stale table" not in text and text.endswith("after\n")
     assert report.render(results) in done.stdout  # the table is printed too
