@@ -177,26 +177,24 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
-def load_weights(module: torch.nn.Module, file: str) -> dict:
-    """Load a model.safetensors into `module`; only tied copies may be missing from the file. Returns what it read."""
-    state = load_file(file)
+def load_state(module: torch.nn.Module, state: dict, source: str) -> dict:
+    """Load weights `state` (read from `source`) into `module`: only tied copies may be missing, and every
+    tensor must have its parameter's shape. Returns `state`."""
+    expected = module.state_dict()
+    wrong_shape = sorted(name for name, tensor in state.items()
+                         if name in expected and tensor.shape != expected[name].shape)
+    if wrong_shape:
+        raise CheckpointError(f"{source} does not fit this model: {', '.join(wrong_shape[:5])} have other shapes "
+                              f"(e.g. {wrong_shape[0]}: {tuple(state[wrong_shape[0]].shape)} in the file, "
+                              f"{tuple(expected[wrong_shape[0]].shape)} in the model)")
     missing, unexpected = module.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - _tied_aliases(module):
-        raise CheckpointError(f"{file} does not fit this model: missing {sorted(set(missing) - _tied_aliases(module))}"
-                              f", unexpected {sorted(unexpected)}")
+    missing = sorted(set(missing) - _tied_aliases(module))
+    if unexpected or missing:
+        raise CheckpointError(f"{source} does not fit this model: missing {missing}, unexpected {sorted(unexpected)}")
     return state
 
 
-def init_weights(module: torch.nn.Module, folder: str) -> str:
-    """`init_from`: load `folder`'s weights into `module`; returns a line saying what was loaded, and from where."""
-    file = os.path.join(folder, "model.safetensors")
-    state = load_weights(module, file)
-    origin = _weights_origin(folder)
-    return (f"init_from: loaded {len(state)} tensors ({sum(t.numel() for t in state.values()):,} parameters) "
-            f"from {file}{f' ({origin})' if origin else ''}")
-
-
-def _weights_origin(folder: str) -> str:
+def weights_origin(folder: str) -> str:
     """The step and run a checkpoint or a final/ export holds the weights of, where its records say."""
     try:
         if os.path.exists(os.path.join(folder, STATE)):  # a checkpoint: its manifest's step, its record's run

@@ -3,6 +3,7 @@
     lmdist train [--config FILE.yaml] [--FIELD VALUE ...]   the loop in train.py, from any folder
     lmdist eval --checkpoint DIR [--dataset D --split S --batch_size B --output FILE]
     lmdist generate --checkpoint DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --seed S]
+    lmdist export --checkpoint DIR --out DIR   a transformers model folder of a checkpoint, as final/ is
     lmdist env       what a launch here would see: devices, launcher variables, threads, W&B mode
     lmdist fields    every config field with its type, default and meaning (--markdown for a table)
     lmdist peak      this machine's peak for `mfu`: the GPU's datasheet rate and measured matmul rates
@@ -72,6 +73,20 @@ class Generate:
         from lmdist.inference import generate
 
         print(generate(self.checkpoint, self.prompt, self.max_new_tokens, self.temperature, self.top_k, self.seed))
+
+
+@dataclass
+class Export:
+    """Write an export of a checkpoint or of another export, as a run writes final/: a transformers model folder
+    (AutoModelForCausalLM and AutoTokenizer load it) where the model has an exact transformers equivalent."""
+
+    checkpoint: str = option(help="a training checkpoint (output_dir/checkpoints/step_N) or an export folder")
+    out: str = option(help="the folder to write: new, empty, or an earlier export (which it replaces)")
+
+    def run(self) -> None:
+        from lmdist.inference import export_saved
+
+        print(f"{self.out}: {export_saved(self.checkpoint, self.out)}")
 
 
 @dataclass
@@ -154,7 +169,7 @@ class Peak:
         print(json.dumps(report, indent=2))
 
 
-COMMANDS = {"eval": Eval, "generate": Generate, "env": Env, "fields": Fields, "peak": Peak}
+COMMANDS = {"eval": Eval, "generate": Generate, "export": Export, "env": Env, "fields": Fields, "peak": Peak}
 TRAIN_SUMMARY = "Train a language model: the loop in train.py, with its flags (see lmdist train --help)."
 
 

@@ -1,43 +1,135 @@
-"""The final export: `<output_dir>/final/` with model.safetensors, the model's config and the tokenizer.
+"""Exports: `<output_dir>/final/` (and `lmdist export CHECKPOINT --out DIR`), a transformers model folder that
+lmdist reads back too.
 
-Pickle-free and loadable without lmdist's training code: safetensors weights (tied weights stored
-once), a JSON config naming the architecture and its sizes, and the tokenizer folder.
+Layout of an export folder:
+    config.json, model.safetensors   transformers' config and weights (transformers_format: GPT2LMHeadModel,
+                                     LlamaForCausalLM or Qwen3ForCausalLM, whichever has lmdist's maths)
+    generation_config.json           the end-of-text id; padded vocabulary rows suppressed (never sampled)
+    tokenizer.json, tokenizer_config.json   for AutoTokenizer, giving lmdist's ids (tokenizer.save_for_transformers)
+    lmdist_tokenizer.json            lmdist's tokenizer
+    lmdist.json                      lmdist's model fields, and which names model.safetensors is in
+A model with no exact transformers equivalent (the LSTM, a ReLU^2 MLP, ...) gets the same folder without
+config.json and generation_config.json, its weights in lmdist's names: `save_final` says why, by option.
+Exports from before this layout (lmdist's own config.json, a tokenizer/ subfolder) still read.
+Pickle-free: safetensors weights, tied weights stored once (transformers ties them again on loading).
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
 
-from lmdist.checkpoint import gather_weights, without_tied_copies
-from lmdist.config import GPT_FIELDS, TrainConfig
+import torch
+
+from lmdist import transformers_format
+from lmdist.checkpoint import gather_weights, load_state, weights_origin, without_tied_copies
+from lmdist.config import GPT_FIELDS, TrainConfig, make_config, upgrade_saved
 from lmdist.errors import StorageError
 from lmdist.files import agree_on_writes, save_safetensors, write_json, writing
+from lmdist.models import build_model, vocab_rows
+from lmdist.tokenizer import Tokenizer, save_for_transformers
 
 MODEL_FIELDS = {
     "lstm": ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights", "vocab_multiple"),
     "gpt": ("n_layer", "n_head", "n_embd", "dropout", "block_size", "vocab_multiple", "gpt_style", *GPT_FIELDS,
             "rope_theta"),
 }
+LMDIST_FILE = "lmdist.json"
 
 
-def save_final(accelerator, model, cfg: TrainConfig, vocab_size: int) -> str:
-    """Gather the full weights and write `<output_dir>/final/`; returns its path. Call on every rank."""
+def save_final(accelerator, model, cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[str, str]:
+    """Gather the full weights and write `<output_dir>/final/`; returns its path and a line saying what it is.
+    Call on every rank."""
     final_dir = os.path.join(cfg.output_dir, "final")
     state = gather_weights(accelerator, model)  # the full weights (shards gathered)
-    failure = None
+    failure, line = None, ""
     if accelerator.is_main_process:
         try:
-            with writing(final_dir):
-                os.makedirs(final_dir, exist_ok=True)
-                save_safetensors(without_tied_copies(state), os.path.join(final_dir, "model.safetensors"),
-                                 metadata={"format": "pt"})
-                values = cfg.resolved()  # each option as trained: the export does not depend on a style's defaults
-                write_json(os.path.join(final_dir, "config.json"), {"model": cfg.model, "vocab_size": vocab_size,
-                                                                     **{k: values[k] for k in MODEL_FIELDS[cfg.model]}})
-                shutil.copytree(os.path.join(cfg.output_dir, "tokenizer"), os.path.join(final_dir, "tokenizer"),
-                                dirs_exist_ok=True)
+            line = write_export(final_dir, state, cfg, tokenizer)
         except StorageError as error:
             failure = error
     agree_on_writes(accelerator, failure, final_dir)  # and a barrier: final/ is complete
-    return final_dir
+    return final_dir, line
 
+
+def write_export(folder: str, state: dict[str, torch.Tensor], cfg: TrainConfig, tokenizer: Tokenizer) -> str:
+    """Write an export of the weights `state` (lmdist's names) into `folder`; returns what it is, in a line."""
+    values = cfg.resolved()  # each option as trained: the export does not depend on a style's defaults
+    rows = vocab_rows(cfg, tokenizer.vocab_size)  # padded to vocab_multiple
+    try:
+        hf_config = transformers_format.config(cfg, rows, tokenizer.eos_id)
+        line = (f"a transformers {hf_config['architectures'][0]} folder (AutoModelForCausalLM.from_pretrained and "
+                "AutoTokenizer.from_pretrained load it)")
+    except transformers_format.NotExportable as why:
+        hf_config, line = None, f"lmdist's format only, no transformers model: {why}"
+    with writing(folder):
+        os.makedirs(folder, exist_ok=True)
+        for stale in ("config.json", "generation_config.json"):  # an earlier export of another model
+            if hf_config is None and os.path.exists(os.path.join(folder, stale)):
+                os.remove(os.path.join(folder, stale))
+        tensors = (transformers_format.to_transformers(cfg, state) if hf_config
+                   else without_tied_copies(state))
+        save_safetensors(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        save_for_transformers(tokenizer, folder, cfg.block_size)
+        if hf_config:
+            write_json(os.path.join(folder, "config.json"), hf_config)
+            padding = list(range(tokenizer.vocab_size, rows))
+            write_json(os.path.join(folder, "generation_config.json"), {
+                "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
+                **({"suppress_tokens": padding} if padding else {})})
+        write_json(os.path.join(folder, LMDIST_FILE), {
+            "model": cfg.model, "vocab_size": tokenizer.vocab_size, **{k: values[k] for k in MODEL_FIELDS[cfg.model]},
+            "weights": "transformers" if hf_config else "lmdist"})
+    return line
+
+
+def is_export(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, LMDIST_FILE)) or _old_export_config(folder) is not None
+
+
+def model_values(folder: str) -> tuple[dict, str]:
+    """An export's model fields (config values, vocab_size aside) and the folder its lmdist tokenizer is in."""
+    if os.path.exists(os.path.join(folder, LMDIST_FILE)):
+        with open(os.path.join(folder, LMDIST_FILE)) as f:
+            values = json.load(f)
+        values.pop("weights")
+        tokenizer_dir = folder
+    else:
+        values, tokenizer_dir = _old_export_config(folder), os.path.join(folder, "tokenizer")
+    values.pop("vocab_size")  # the tokenizer's size, not the bpe training field of the same name
+    return upgrade_saved(values), tokenizer_dir
+
+
+def read_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The weights of an export or a checkpoint folder, in lmdist's names."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    if not os.path.exists(os.path.join(folder, LMDIST_FILE)):
+        return tensors  # a checkpoint, or an export from before transformers folders: lmdist's names
+    with open(os.path.join(folder, LMDIST_FILE)) as f:
+        saved = json.load(f)
+    if saved["weights"] != "transformers":
+        return tensors
+    cfg = make_config({**model_values(folder)[0], "init_from": None})
+    with torch.device("meta"):  # only the names of lmdist's model
+        names = set(build_model(cfg, saved["vocab_size"]).state_dict())
+    return transformers_format.from_transformers(cfg, tensors, names)
+
+
+def init_weights(module: torch.nn.Module, folder: str) -> str:
+    """`init_from`: load `folder`'s weights (a checkpoint or an export) into `module`; returns a line saying
+    what was loaded, and from where."""
+    file = os.path.join(folder, "model.safetensors")
+    state = load_state(module, read_weights(folder), file)
+    origin = weights_origin(folder)
+    return (f"init_from: loaded {len(state)} tensors ({sum(t.numel() for t in state.values()):,} parameters) "
+            f"from {file}{f' ({origin})' if origin else ''}")
+
+
+def _old_export_config(folder: str) -> dict | None:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        values = json.load(f)
+    return values if "model" in values and "model_type" not in values else None

@@ -5,7 +5,6 @@ first) or a `final/` export.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -13,9 +12,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lmdist import checkpoint, data, engine, sources
+from lmdist import checkpoint, data, engine, export, sources
 from lmdist.config import TrainConfig, make_config, upgrade_saved
-from lmdist.errors import DataError
+from lmdist.errors import ConfigError, DataError
 from lmdist.metrics import evaluate
 from lmdist.models import build_model
 from lmdist.tokenizer import Tokenizer, load_tokenizer
@@ -23,39 +22,35 @@ from lmdist.tokenizer import Tokenizer, load_tokenizer
 
 @dataclass
 class Saved:
-    """Weights, tokenizer and the run's config, as found in a checkpoint or final/ folder."""
+    """The folder of the weights, its tokenizer and the run's config, as found in a checkpoint or an export."""
 
-    weights: str
+    folder: str
     tokenizer: Tokenizer
     cfg: TrainConfig
 
 
 def open_saved(folder: str) -> Saved:
-    """Find the weights, tokenizer and run config of a checkpoint or final/ folder."""
+    """Find the weights, tokenizer and run config of a checkpoint or an export (final/)."""
     folder = os.path.normpath(folder)
     if os.path.exists(os.path.join(folder, checkpoint.STATE)):  # a training checkpoint
         values = checkpoint.read_state(folder)["config"]
         tokenizer_dir = os.path.join(folder, "..", "..", "tokenizer")
-    elif os.path.exists(os.path.join(folder, "config.json")):  # a final/ export
+    elif export.is_export(folder):
+        values, tokenizer_dir = export.model_values(folder)
         run_config = os.path.join(folder, "..", "config.yaml")
         if os.path.exists(run_config):  # still beside its run: the full config, data included
             with open(run_config) as f:
                 values = yaml.safe_load(f)
-        else:  # on its own: the model's settings only
-            with open(os.path.join(folder, "config.json")) as f:
-                values = json.load(f)
-            values.pop("vocab_size")  # the tokenizer's size, not the bpe training field of the same name
-        tokenizer_dir = os.path.join(folder, "tokenizer")
     else:
-        raise DataError(f"{folder} is neither a training checkpoint ({checkpoint.STATE}) nor a final/ export "
-                        "(config.json)")
+        raise DataError(f"{folder} is neither a training checkpoint ({checkpoint.STATE}) nor an lmdist export "
+                        f"({export.LMDIST_FILE})")
     values = {**upgrade_saved(values), "resume": "auto", "init_from": None}  # inference neither resumes nor initialises
-    return Saved(os.path.join(folder, "model.safetensors"), load_tokenizer(tokenizer_dir), make_config(values))
+    return Saved(folder, load_tokenizer(tokenizer_dir), make_config(values))
 
 
 def load_model(saved: Saved) -> torch.nn.Module:
     model = build_model(saved.cfg, saved.tokenizer.vocab_size)
-    checkpoint.load_weights(model, saved.weights)
+    checkpoint.load_state(model, export.read_weights(saved.folder), os.path.join(saved.folder, "model.safetensors"))
     return model.eval()
 
 
@@ -99,3 +94,13 @@ def generate(folder: str, prompt: str, max_new_tokens: int, temperature: float, 
             token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
         context = torch.cat([context, token[None]], dim=1)
     return saved.tokenizer.decode(context[0, len(ids):].tolist())
+
+
+def export_saved(folder: str, out: str) -> str:
+    """Write an export of the checkpoint or export `folder` into `out`; returns what it is, in a line."""
+    if os.path.abspath(out) == os.path.abspath(folder):
+        raise ConfigError(f"--out {out} is the folder being exported: choose another one")
+    if os.path.isdir(out) and os.listdir(out) and not export.is_export(out):
+        raise ConfigError(f"--out {out} holds files and is not an lmdist export: choose a new or empty folder")
+    saved = open_saved(folder)
+    return export.write_export(out, load_model(saved).state_dict(), saved.cfg, saved.tokenizer)

@@ -176,8 +176,8 @@ class Run:
         resumed at the last step trained nothing: its row is the evaluation of the same weights)."""
         if not last_row:
             last_row = self.evaluate()
-        final_dir = export.save_final(self.accelerator, self.model, self.cfg, self.corpus.tokenizer.vocab_size)
-        self.log.print(f"final weights: {final_dir}")
+        final_dir, what = export.save_final(self.accelerator, self.model, self.cfg, self.corpus.tokenizer)
+        self.log.print(f"final weights: {final_dir}: {what}")
         self.log.finish({"status": "completed", "step": self.progress.step, "micro_step": self.progress.micro_step,
                          "final": last_row})
 
@@ -224,7 +224,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     # The model, and what trains it.
     model = build_model(cfg, corpus.tokenizer.vocab_size)
     if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
-        accelerator.print(checkpoint.init_weights(model, cfg.init_from))
+        accelerator.print(export.init_weights(model, cfg.init_from))
     n_params, flops_per_token = count_parameters(model), model.flops_per_token()
     model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it
     model = engine.compile_if_asked(model, cfg, accelerator.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -39,6 +40,16 @@ class ByteTokenizer:
 
     def save(self, folder: str) -> None:
         _write_meta(folder, {"kind": self.kind})
+
+    def for_transformers(self):
+        """The same ids as a `tokenizers` Tokenizer: every character falls back to its UTF-8 bytes, tokens
+        <0x00>..<0xFF> with ids 0..255 (sentencepiece's byte fallback), and no merges."""
+        from tokenizers import Tokenizer, decoders, models
+
+        vocab = {f"<0x{byte:02X}>": byte for byte in range(256)} | {EOS: self.eos_id}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        return tok
 
 
 class VocabTokenizer:
@@ -78,6 +89,21 @@ class VocabTokenizer:
 
     def save(self, folder: str) -> None:
         _write_meta(folder, {"kind": self.kind, "symbols": self.symbols[2:]})
+
+    def for_transformers(self):
+        """The same ids as a `tokenizers` Tokenizer. char: BPE without merges, one token per character, each
+        unknown one <unk>. word: a word-level model over the same split (Python's whitespace spelt out,
+        as the Rust regex's \\s is narrower); its decode puts a space beside line breaks too."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        if self.kind == "char":
+            tok = Tokenizer(models.BPE(vocab=self.index, merges=[], unk_token=UNK, fuse_unk=False))
+            tok.decoder = decoders.Fuse()
+            return tok
+        tok = Tokenizer(models.WordLevel(vocab=self.index, unk_token=UNK))
+        whitespace = "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(f"\\n|[^{whitespace}]+"), behavior="removed", invert=True)
+        return tok
 
 
 class HFTokenizer:
@@ -126,6 +152,9 @@ class HFTokenizer:
             self.tok.save(tmp)
         _write_meta(folder, {"kind": self.kind, "eos_token": self.eos_token})
 
+    def for_transformers(self):
+        return self.tok
+
 
 Tokenizer = ByteTokenizer | VocabTokenizer | HFTokenizer
 
@@ -157,6 +186,20 @@ def load_tokenizer(folder: str) -> Tokenizer:
     if meta["kind"] in ("char", "word"):
         return VocabTokenizer(meta["kind"], meta["symbols"])
     return HFTokenizer.from_folder(folder, meta["kind"])
+
+
+def save_for_transformers(tokenizer: Tokenizer, folder: str, model_max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json, for `AutoTokenizer.from_pretrained(folder)`: the same ids as
+    `tokenizer.encode` for any text (with add_special_tokens=False where the tokenizer adds some), its end of
+    text as eos_token, and lmdist's own tokenizer file beside them for lmdist."""
+    tokenizer.save(folder)
+    with atomic_path(os.path.join(folder, "tokenizer.json")) as tmp:
+        tokenizer.for_transformers().save(tmp)
+    ours = not isinstance(tokenizer, HFTokenizer)  # byte, char, word: lmdist reads "<eos>" in a text as 5 characters
+    write_json(os.path.join(folder, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS if ours else tokenizer.eos_token,
+        "bos_token": None, "pad_token": None, "unk_token": UNK if isinstance(tokenizer, VocabTokenizer) else None,
+        "model_max_length": model_max_length, "clean_up_tokenization_spaces": False, "split_special_tokens": ours})
 
 
 def encode_rows(tokenizer: Tokenizer, texts: list[str], ends: list[bool] | None = None) -> list[list[int]]:

@@ -95,9 +95,10 @@ def read_run(output_dir: Path) -> dict:
 
 
 def final_weights(output_dir: Path) -> dict:
-    from safetensors.torch import load_file
+    """A run's final weights, in lmdist's names (final/ holds them in transformers' where it can)."""
+    from lmdist.export import read_weights
 
-    return load_file(output_dir / "final" / "model.safetensors")
+    return read_weights(str(output_dir / "final"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -405,8 +405,8 @@ def test_padded_vocabulary_trains_exports_and_never_samples_padding(markov_files
             "--output_dir", str(out)], cwd=tmp_path)
     weights = final_weights(out)
     assert weights["wte.weight"].shape[0] == 64 > read_run(out)["vocab_size"]
-    assert json.loads((out / "final" / "config.json").read_text())["vocab_multiple"] == 64
-    alone = tmp_path / "alone"  # the export on its own: the model's settings come from its config.json
+    assert json.loads((out / "final" / "lmdist.json").read_text())["vocab_multiple"] == 64
+    alone = tmp_path / "alone"  # the export on its own: the model's settings come from its lmdist.json
     shutil.copytree(out / "final", alone)
     result = lmdist_cli("generate", "--checkpoint", str(alone), "--prompt", "ab", "--max_new_tokens", "300",
                         "--temperature", "50", cwd=tmp_path)

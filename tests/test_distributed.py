@@ -222,7 +222,7 @@ def test_evaluation_counts_every_token_once_whatever_the_world_size(markov_files
     from lmdist.tokenizer import load_tokenizer
 
     cfg = TrainConfig(model="gpt", n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0)
-    tokenizer = load_tokenizer(str(tmp_path / "one" / "final" / "tokenizer"))
+    tokenizer = load_tokenizer(str(tmp_path / "one" / "final"))
     model = build_model(cfg, tokenizer.vocab_size)
     model.load_state_dict(final_weights(tmp_path / "one"), strict=False)  # lm_head is tied to wte
     model.eval()

@@ -191,7 +191,7 @@ def test_storage_errors_buried_by_libraries_are_recognised():
 
 
 def test_a_full_disk_under_copytree_is_a_storage_error(tmp_path):
-    """shutil.copytree (the tokenizer into final/) gathers its files' OSErrors as text in one shutil.Error."""
+    """shutil.copytree gathers its files' OSErrors as text in one shutil.Error: the errno is read from it."""
     import shutil
 
     (tmp_path / "tokenizer").mkdir()

@@ -9,9 +9,14 @@ from lmdist.models.lstm import LSTMLanguageModel
 from lmdist.models.parameters import count_parameters
 
 
+def vocab_rows(cfg: TrainConfig, vocab_size: int) -> int:
+    """The model's embedding and output rows for a tokenizer of `vocab_size` ids: rounded up to vocab_multiple."""
+    return -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+
+
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
-    """The configured model for a tokenizer of `vocab_size` ids (rounded up to a multiple of vocab_multiple)."""
-    vocab_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    """The configured model for a tokenizer of `vocab_size` ids (vocab_rows of them)."""
+    vocab_size = vocab_rows(cfg, vocab_size)
     if cfg.model == "gpt":
         return GPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, **cfg.architecture)
     return LSTMLanguageModel(vocab_size, cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout,
@@ -33,4 +38,4 @@ def describe(cfg: TrainConfig) -> str:
             f"{cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, {', '.join(parts)}")
 
 
-__all__ = ["GPT", "LSTMLanguageModel", "build_model", "count_parameters", "describe"]
+__all__ = ["GPT", "LSTMLanguageModel", "build_model", "count_parameters", "describe", "vocab_rows"]

@@ -1,0 +1,169 @@
+"""lmdist's GPT in transformers' format and back: the config.json and tensor names of the transformers model
+with the same maths, so that an export loads with `AutoModelForCausalLM.from_pretrained` and computes the
+same logits.
+
+Which transformers model, by architecture (config.architecture):
+- learned positions, LayerNorm, GELU, no QK-norm (the `gpt2` style): `GPT2LMHeadModel`. GPT-2 stores its
+  linear layers as Conv1D, (in, out): transposed here. Its c_attn always has a bias: zeros, as lmdist's qkv
+  has none.
+- RoPE, RMSNorm, SwiGLU (the `modern` style): `LlamaForCausalLM`, or with QK-norm `Qwen3ForCausalLM` (its
+  q_norm/k_norm are per head, before the rotation, as lmdist's). lmdist's fused qkv matrix is split into
+  q_proj, k_proj and v_proj by rows.
+- Anything else has no exact equivalent (`NotExportable` names the option); never an approximate model.
+A scale or bias lmdist's model leaves out (norm_scale or bias off) is written as ones or zeros, the same
+function; reading back, such a tensor must hold exactly that value. The vocabulary is the model's rows,
+padding included (`vocab_multiple`), so config.json and the tensors agree.
+
+Nothing here imports transformers: the files are JSON and safetensors, written on the default path.
+"""
+from __future__ import annotations
+
+import torch
+
+from lmdist.checkpoint import CheckpointError
+from lmdist.config import TrainConfig
+from lmdist.models.gpt import swiglu_width
+
+LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, as lmdist builds it
+RMSNORM_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm(eps=None) in fp32, lmdist's
+CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+class NotExportable(Exception):
+    """The model has no exact transformers equivalent; the message says which option, and what would have one."""
+
+
+def family(cfg: TrainConfig) -> str:
+    """The transformers model_type with lmdist's maths for `cfg`'s model, or NotExportable."""
+    if cfg.model != "gpt":
+        raise NotExportable("the LSTM has no transformers equivalent")
+    arch = cfg.architecture
+    if arch["position"] == "learned":
+        unlike = _unlike(arch, norm="layernorm", mlp="gelu", qk_norm=False)
+        if not unlike:
+            return "gpt2"
+        raise NotExportable(f"learned positions with {unlike}: GPT-2, transformers' model with learned positions, "
+                            "has LayerNorm, a GELU MLP and no QK-norm")
+    unlike = _unlike(arch, norm="rmsnorm", mlp="swiglu")
+    if not unlike and not (arch["qk_norm"] and arch["bias"]):
+        return "qwen3" if arch["qk_norm"] else "llama"
+    raise NotExportable(f"rope with {unlike or 'qk_norm and bias'}: Llama and Qwen3, transformers' models with "
+                        "rotary positions, have RMSNorm and a SwiGLU MLP (Qwen3 adds QK-norm, without MLP biases)")
+
+
+def _unlike(arch: dict, **wanted) -> str:
+    return ", ".join(f"{name} {arch[name]}" for name, value in wanted.items() if arch[name] != value)
+
+
+def config(cfg: TrainConfig, vocab_rows: int, eos_id: int | None) -> dict:
+    """config.json for `cfg`'s model with `vocab_rows` embedding rows."""
+    arch, kind = cfg.architecture, family(cfg)
+    common = {"architectures": [CLASSES[kind]], "model_type": kind, "vocab_size": vocab_rows,
+              "tie_word_embeddings": arch["tie_weights"], "bos_token_id": eos_id, "eos_token_id": eos_id,
+              "initializer_range": 0.02, "dtype": "float32", "use_cache": True}
+    if kind == "gpt2":
+        return {**common, "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+                "n_head": cfg.n_head, "n_inner": 4 * cfg.n_embd, "activation_function": "gelu",
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+                "layer_norm_epsilon": LAYERNORM_EPS, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+    theta = arch["rope_theta"]
+    return {**common, "hidden_size": cfg.n_embd, "intermediate_size": swiglu_width(cfg.n_embd),
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
+            "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
+            "rms_norm_eps": RMSNORM_EPS, "attention_bias": arch["bias"], "attention_dropout": 0.0,
+            # transformers 5 reads rope_parameters, 4.x rope_theta: both, the same value
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta,
+            **({"mlp_bias": arch["bias"]} if kind == "llama" else {"use_sliding_window": False})}
+
+
+def to_transformers(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lmdist's weights (a model's state dict; a tied head's copy may be absent) in transformers' names."""
+    out = {}
+    for lmdist_name, hf_name, how, width in _pairs(cfg, state):
+        if lmdist_name is None:
+            out[hf_name] = (torch.ones if how == "ones" else torch.zeros)(width, dtype=state["wte.weight"].dtype)
+        elif how == "T":
+            out[hf_name] = state[lmdist_name].t().contiguous()
+        elif how in ("q", "k", "v"):
+            out[hf_name] = state[lmdist_name].chunk(3)["qkv".index(how)].contiguous()
+        else:
+            out[hf_name] = state[lmdist_name].contiguous()
+    return out
+
+
+def from_transformers(cfg: TrainConfig, tensors: dict[str, torch.Tensor], lmdist_names: set[str]) -> dict:
+    """transformers' weights in the names of lmdist's model for `cfg` (whose state dict has `lmdist_names`)."""
+    state, qkv = {}, {}
+    for lmdist_name, hf_name, how, _ in _pairs(cfg, lmdist_names):
+        if hf_name not in tensors:
+            raise CheckpointError(f"the transformers weights lack {hf_name}, which a {family(cfg)} model of this "
+                                  "config has")
+        tensor = tensors[hf_name]
+        if lmdist_name is None:  # lmdist's model has no such parameter: only its neutral value is the same maths
+            if not torch.equal(tensor, torch.full_like(tensor, 1.0 if how == "ones" else 0.0)):
+                raise CheckpointError(f"{hf_name} is not all {1 if how == 'ones' else 0}s, and lmdist's model has no "
+                                      "such parameter to hold it")
+        elif how == "T":
+            state[lmdist_name] = tensor.t().contiguous()
+        elif how in ("q", "k", "v"):
+            qkv.setdefault(lmdist_name, {})[how] = tensor
+        else:
+            state[lmdist_name] = tensor
+    for name, parts in qkv.items():
+        state[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return state
+
+
+def _pairs(cfg: TrainConfig, lmdist_names) -> list[tuple[str | None, str, str, int]]:
+    """(lmdist name or None, transformers name, how, width): `how` is copy, T (transposed), q/k/v (that third
+    of the qkv rows), or ones/zeros where lmdist's model has no such tensor (`width` long)."""
+    arch, C, kind = cfg.architecture, cfg.n_embd, family(cfg)
+    pairs = []
+
+    def put(lmdist_name: str, hf_name: str, how: str = "copy", width: int = 0) -> None:
+        if lmdist_name in lmdist_names:
+            pairs.append((lmdist_name, hf_name, how, width))
+        else:  # a bias or a norm's scale left out
+            pairs.append((None, hf_name, "zeros" if lmdist_name.endswith(".bias") else "ones", width))
+
+    if kind == "gpt2":
+        put("wte.weight", "transformer.wte.weight")
+        put("wpe.weight", "transformer.wpe.weight")
+        for i in range(cfg.n_layer):
+            lm, hf = f"blocks.{i}.", f"transformer.h.{i}."
+            for norm in ("ln_1", "ln_2"):
+                put(f"{lm}{norm}.weight", f"{hf}{norm}.weight", width=C)
+                put(f"{lm}{norm}.bias", f"{hf}{norm}.bias", width=C)
+            for lm_linear, hf_linear, out in (("attn.qkv", "attn.c_attn", 3 * C), ("attn.proj", "attn.c_proj", C),
+                                              ("mlp.fc", "mlp.c_fc", 4 * C), ("mlp.proj", "mlp.c_proj", C)):
+                put(f"{lm}{lm_linear}.weight", f"{hf}{hf_linear}.weight", "T")
+                put(f"{lm}{lm_linear}.bias", f"{hf}{hf_linear}.bias", width=out)
+        put("ln_f.weight", "transformer.ln_f.weight", width=C)
+        put("ln_f.bias", "transformer.ln_f.bias", width=C)
+    else:
+        head_dim, hidden = C // cfg.n_head, swiglu_width(C)
+        put("wte.weight", "model.embed_tokens.weight")
+        for i in range(cfg.n_layer):
+            lm, hf = f"blocks.{i}.", f"model.layers.{i}."
+            put(f"{lm}ln_1.weight", f"{hf}input_layernorm.weight", width=C)
+            for part in "qkv":
+                put(f"{lm}attn.qkv.weight", f"{hf}self_attn.{part}_proj.weight", part)
+                if arch["bias"]:
+                    put(f"{lm}attn.qkv.bias", f"{hf}self_attn.{part}_proj.bias", width=C)
+            put(f"{lm}attn.proj.weight", f"{hf}self_attn.o_proj.weight")
+            if arch["bias"]:
+                put(f"{lm}attn.proj.bias", f"{hf}self_attn.o_proj.bias", width=C)
+            if kind == "qwen3":
+                put(f"{lm}attn.q_norm.weight", f"{hf}self_attn.q_norm.weight", width=head_dim)
+                put(f"{lm}attn.k_norm.weight", f"{hf}self_attn.k_norm.weight", width=head_dim)
+            put(f"{lm}ln_2.weight", f"{hf}post_attention_layernorm.weight", width=C)
+            for lm_linear, hf_linear, out in (("gate", "gate_proj", hidden), ("up", "up_proj", hidden),
+                                              ("proj", "down_proj", C)):
+                put(f"{lm}mlp.{lm_linear}.weight", f"{hf}mlp.{hf_linear}.weight")
+                if arch["bias"]:
+                    put(f"{lm}mlp.{lm_linear}.bias", f"{hf}mlp.{hf_linear}.bias", width=out)
+        put("ln_f.weight", "model.norm.weight", width=C)
+    if not arch["tie_weights"]:
+        put("lm_head.weight", "lm_head.weight")
+    return pairs
