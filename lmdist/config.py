@@ -32,6 +32,17 @@ GPT_STYLES: dict[str, dict[str, Any]] = {
                "bias": False, "zero_init": True, "tie_weights": False},
 }
 GPT_FIELDS = tuple(GPT_STYLES["gpt2"])  # the fields a style sets
+GPT_SHAPES = ("n_kv_head", "head_dim", "mlp_width", "norm_eps", "qkv_bias")  # set by no style; a pretrained model's
+
+
+def swiglu_width(n_embd: int) -> int:
+    """SwiGLU's default hidden units: three matrices of n_embd x h hold what GELU's two of n_embd x 4n_embd hold
+    when h = 8/3 n_embd, rounded to a multiple of 8 (as Llama rounds to its `multiple_of`)."""
+    return max(8, round(8 * n_embd / 3 / 8) * 8)
+
+
+def default_mlp_width(mlp: str, n_embd: int) -> int:
+    return swiglu_width(n_embd) if mlp == "swiglu" else 4 * n_embd
 
 
 @dataclass
@@ -51,9 +62,14 @@ class TrainConfig:
     norm: Literal["layernorm", "rmsnorm"] | None = _f(None, "GPT: `layernorm` or `rmsnorm`, before each block's attention and MLP and before the head; default: the gpt_style's", "model")
     norm_scale: bool | None = _f(None, "GPT: give each norm a learned scale (and LayerNorm a bias when `bias`); default: the gpt_style's", "model")
     qk_norm: bool | None = _f(None, "GPT: RMS-normalise each head's queries and keys before attention (bounded attention logits); default: the gpt_style's", "model")
-    mlp: Literal["gelu", "relu2", "swiglu"] | None = _f(None, "GPT: the MLP, `gelu` or `relu2` (ReLU squared) with 4 x n_embd hidden units, or `swiglu` with 8/3 x n_embd (rounded to a multiple of 8), the same parameters; default: the gpt_style's", "model")
+    mlp: Literal["gelu", "gelu_tanh", "relu2", "swiglu"] | None = _f(None, "GPT: the MLP, `gelu`, `gelu_tanh` (its tanh approximation, pretrained GPT-2's) or `relu2` (ReLU squared) with 4 x n_embd hidden units, or `swiglu` with 8/3 x n_embd (rounded to a multiple of 8), the same parameters; default: the gpt_style's", "model")
     bias: bool | None = _f(None, "GPT: biases in the output projections, the MLP and the norms (the query/key/value projection never has one); default: the gpt_style's", "model")
     zero_init: bool | None = _f(None, "GPT: start each block's output projections (and an untied head) at zero, so every block starts as the identity; default: the gpt_style's", "model")
+    n_kv_head: int | None = _f(None, "GPT: key/value heads per block, each shared by n_head / n_kv_head query heads (grouped-query attention, as in Llama 3 and Qwen3); default: n_head", "model")
+    head_dim: int | None = _f(None, "GPT: the width of each attention head; default: n_embd / n_head", "model")
+    mlp_width: int | None = _f(None, "GPT: the MLP's hidden units; default: the mlp's (4 x n_embd, SwiGLU 8/3 x n_embd)", "model")
+    norm_eps: float | None = _f(None, "GPT: the epsilon inside every norm; default: torch's (1e-5 for LayerNorm, float32's machine epsilon for RMSNorm)", "model")
+    qkv_bias: bool = _f(False, "GPT: a bias on the query/key/value projection (pretrained GPT-2 and Qwen2 have one)", "model")
     dropout: float = _f(0.1, "dropout probability in both models (0 turns it off)", "model")
     block_size: int = _f(128, "tokens per training sequence (the context length)", "model")
     vocab_multiple: int = _f(1, "round the model's vocabulary (embedding and output rows) up to a multiple of this: 64 suits GPU tensor cores (GPT-2's 50257 -> 50304); the extra rows are never targets and never sampled", "model")
@@ -122,13 +138,16 @@ class TrainConfig:
 
     @property
     def architecture(self) -> dict[str, Any]:
-        """The model's resolved shape options: for a GPT each of GPT_FIELDS (set, else its gpt_style's) and
-        rope_theta; for the LSTM tie_weights (default shared)."""
+        """The model's resolved shape options: for a GPT each of GPT_FIELDS (set, else its gpt_style's),
+        rope_theta and GPT_SHAPES (set, else their defaults); for the LSTM tie_weights (default shared)."""
         if self.model != "gpt":
             return {"tie_weights": True if self.tie_weights is None else self.tie_weights}
         style = GPT_STYLES[self.gpt_style]
         chosen = {name: style[name] if getattr(self, name) is None else getattr(self, name) for name in GPT_FIELDS}
-        return {**chosen, "rope_theta": self.rope_theta}
+        return {**chosen, "rope_theta": self.rope_theta, "n_kv_head": self.n_kv_head or self.n_head,
+                "head_dim": self.head_dim or self.n_embd // self.n_head,
+                "mlp_width": self.mlp_width or default_mlp_width(chosen["mlp"], self.n_embd),
+                "norm_eps": self.norm_eps, "qkv_bias": self.qkv_bias}
 
     def resolved(self) -> dict[str, Any]:
         """Every field, the architecture's as `architecture` resolves them: what a run trains, for comparing two
@@ -238,14 +257,24 @@ def validate(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) >= 1, name, "must be at least 1")
     for name in ("max_steps", "threads"):
         need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, name, "must be at least 1 (or none)")
-    need(cfg.n_embd % cfg.n_head == 0, "n_embd", f"must be divisible by n_head ({cfg.n_head})")
+    need(cfg.head_dim is not None or cfg.n_embd % cfg.n_head == 0, "n_embd",
+         f"must be divisible by n_head ({cfg.n_head}), or give head_dim")
+    for name in ("n_kv_head", "head_dim", "mlp_width"):
+        need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, name, "must be at least 1 (or none)")
+    need(cfg.n_kv_head is None or cfg.n_head % cfg.n_kv_head == 0, "n_kv_head",
+         f"must divide n_head ({cfg.n_head}): each key/value head serves a whole group of query heads")
+    need(cfg.norm_eps is None or cfg.norm_eps > 0, "norm_eps", "must be positive (or none: torch's default)")
+    for name in GPT_SHAPES:
+        need(cfg.model == "gpt" or getattr(cfg, name) in (None, False), name,
+             "shapes a GPT only: leave it out with --model lstm")
     need(cfg.block_size >= 2, "block_size", "must be at least 2 (a sequence needs an input and a target)")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
     for name in GPT_FIELDS[:-1]:  # tie_weights is both models'
         need(cfg.model == "gpt" or getattr(cfg, name) is None, name, "shapes a GPT only: leave it out with --model lstm")
     need(cfg.rope_theta > 0, "rope_theta", "must be positive")
-    need(cfg.model != "gpt" or cfg.architecture["position"] != "rope" or (cfg.n_embd // cfg.n_head) % 2 == 0,
-         "position", f"rope rotates pairs of dimensions: n_embd / n_head ({cfg.n_embd // cfg.n_head}) must be even")
+    head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
+    need(cfg.model != "gpt" or cfg.architecture["position"] != "rope" or head_dim % 2 == 0,
+         "position", f"rope rotates pairs of dimensions: the head width ({head_dim}) must be even")
     # numpy's seed range, checked here so that every rank refuses it (numpy would fail on rank 1 alone)
     need(0 <= cfg.seed <= 2**32 - 1, "seed", "must be between 0 and 2**32 - 1 (4294967295)")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1")

@@ -22,7 +22,7 @@ import torch
 
 from lmdist import transformers_format
 from lmdist.checkpoint import gather_weights, load_state, weights_origin, without_tied_copies
-from lmdist.config import GPT_FIELDS, TrainConfig, make_config, upgrade_saved
+from lmdist.config import GPT_FIELDS, GPT_SHAPES, TrainConfig, make_config, upgrade_saved
 from lmdist.errors import StorageError
 from lmdist.files import agree_on_writes, save_safetensors, write_json, writing
 from lmdist.models import build_model, vocab_rows
@@ -31,7 +31,7 @@ from lmdist.tokenizer import Tokenizer, save_for_transformers
 MODEL_FIELDS = {
     "lstm": ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights", "vocab_multiple"),
     "gpt": ("n_layer", "n_head", "n_embd", "dropout", "block_size", "vocab_multiple", "gpt_style", *GPT_FIELDS,
-            "rope_theta"),
+            "rope_theta", *GPT_SHAPES),
 }
 LMDIST_FILE = "lmdist.json"
 

@@ -22,11 +22,11 @@ import torch
 
 from lmdist.checkpoint import CheckpointError
 from lmdist.config import TrainConfig
-from lmdist.models.gpt import swiglu_width
 
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, as lmdist builds it
 RMSNORM_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm(eps=None) in fp32, lmdist's
 CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}  # lmdist's mlp -> GPT-2's activation_function
 
 
 class NotExportable(Exception):
@@ -39,11 +39,13 @@ def family(cfg: TrainConfig) -> str:
         raise NotExportable("the LSTM has no transformers equivalent")
     arch = cfg.architecture
     if arch["position"] == "learned":
-        unlike = _unlike(arch, norm="layernorm", mlp="gelu", qk_norm=False)
+        unlike = _unlike(arch, norm="layernorm", qk_norm=False, n_kv_head=cfg.n_head, head_dim=cfg.n_embd // cfg.n_head)
+        if arch["mlp"] not in GPT2_ACTIVATIONS:
+            unlike = ", ".join(filter(None, [unlike, f"mlp {arch['mlp']}"]))
         if not unlike:
             return "gpt2"
         raise NotExportable(f"learned positions with {unlike}: GPT-2, transformers' model with learned positions, "
-                            "has LayerNorm, a GELU MLP and no QK-norm")
+                            "has LayerNorm, a GELU MLP, no QK-norm and n_embd / n_head heads of keys and values")
     unlike = _unlike(arch, norm="rmsnorm", mlp="swiglu")
     if not unlike and not (arch["qk_norm"] and arch["bias"]):
         return "qwen3" if arch["qk_norm"] else "llama"
@@ -61,17 +63,21 @@ def config(cfg: TrainConfig, vocab_rows: int, eos_id: int | None) -> dict:
     common = {"architectures": [CLASSES[kind]], "model_type": kind, "vocab_size": vocab_rows,
               "tie_word_embeddings": arch["tie_weights"], "bos_token_id": eos_id, "eos_token_id": eos_id,
               "initializer_range": 0.02, "dtype": "float32", "use_cache": True}
+    eps = arch["norm_eps"]
     if kind == "gpt2":
         return {**common, "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-                "n_head": cfg.n_head, "n_inner": 4 * cfg.n_embd, "activation_function": "gelu",
+                "n_head": cfg.n_head, "n_inner": arch["mlp_width"],
+                "activation_function": GPT2_ACTIVATIONS[arch["mlp"]],
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-                "layer_norm_epsilon": LAYERNORM_EPS, "scale_attn_weights": True,
+                "layer_norm_epsilon": LAYERNORM_EPS if eps is None else eps, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
     theta = arch["rope_theta"]
-    return {**common, "hidden_size": cfg.n_embd, "intermediate_size": swiglu_width(cfg.n_embd),
-            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
-            "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
-            "rms_norm_eps": RMSNORM_EPS, "attention_bias": arch["bias"], "attention_dropout": 0.0,
+    return {**common, "hidden_size": cfg.n_embd, "intermediate_size": arch["mlp_width"],
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": arch["n_kv_head"], "head_dim": arch["head_dim"], "hidden_act": "silu",
+            "max_position_embeddings": cfg.block_size, "rms_norm_eps": RMSNORM_EPS if eps is None else eps,
+            # one flag for the four attention projections: a bias lmdist's model lacks is written as zeros
+            "attention_bias": arch["bias"] or arch["qkv_bias"], "attention_dropout": 0.0,
             # transformers 5 reads rope_parameters, 4.x rope_theta: both, the same value
             "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta,
             **({"mlp_bias": arch["bias"]} if kind == "llama" else {"use_sliding_window": False})}
@@ -86,7 +92,7 @@ def to_transformers(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> dict[st
         elif how == "T":
             out[hf_name] = state[lmdist_name].t().contiguous()
         elif how in ("q", "k", "v"):
-            out[hf_name] = state[lmdist_name].chunk(3)["qkv".index(how)].contiguous()
+            out[hf_name] = state[lmdist_name].split(_qkv_rows(cfg))["qkv".index(how)].contiguous()
         else:
             out[hf_name] = state[lmdist_name].contiguous()
     return out
@@ -115,10 +121,16 @@ def from_transformers(cfg: TrainConfig, tensors: dict[str, torch.Tensor], lmdist
     return state
 
 
+def _qkv_rows(cfg: TrainConfig) -> list[int]:
+    arch = cfg.architecture
+    return [cfg.n_head * arch["head_dim"], arch["n_kv_head"] * arch["head_dim"], arch["n_kv_head"] * arch["head_dim"]]
+
+
 def _pairs(cfg: TrainConfig, lmdist_names) -> list[tuple[str | None, str, str, int]]:
-    """(lmdist name or None, transformers name, how, width): `how` is copy, T (transposed), q/k/v (that third
-    of the qkv rows), or ones/zeros where lmdist's model has no such tensor (`width` long)."""
+    """(lmdist name or None, transformers name, how, width): `how` is copy, T (transposed), q/k/v (those rows
+    of the fused qkv), or ones/zeros where lmdist's model has no such tensor (`width` long)."""
     arch, C, kind = cfg.architecture, cfg.n_embd, family(cfg)
+    q_rows, kv_rows, _ = _qkv_rows(cfg)
     pairs = []
 
     def put(lmdist_name: str, hf_name: str, how: str = "copy", width: int = 0) -> None:
@@ -136,23 +148,24 @@ def _pairs(cfg: TrainConfig, lmdist_names) -> list[tuple[str | None, str, str, i
                 put(f"{lm}{norm}.weight", f"{hf}{norm}.weight", width=C)
                 put(f"{lm}{norm}.bias", f"{hf}{norm}.bias", width=C)
             for lm_linear, hf_linear, out in (("attn.qkv", "attn.c_attn", 3 * C), ("attn.proj", "attn.c_proj", C),
-                                              ("mlp.fc", "mlp.c_fc", 4 * C), ("mlp.proj", "mlp.c_proj", C)):
+                                              ("mlp.fc", "mlp.c_fc", arch["mlp_width"]), ("mlp.proj", "mlp.c_proj", C)):
                 put(f"{lm}{lm_linear}.weight", f"{hf}{hf_linear}.weight", "T")
                 put(f"{lm}{lm_linear}.bias", f"{hf}{hf_linear}.bias", width=out)
         put("ln_f.weight", "transformer.ln_f.weight", width=C)
         put("ln_f.bias", "transformer.ln_f.bias", width=C)
     else:
-        head_dim, hidden = C // cfg.n_head, swiglu_width(C)
+        head_dim, hidden = arch["head_dim"], arch["mlp_width"]
         put("wte.weight", "model.embed_tokens.weight")
         for i in range(cfg.n_layer):
             lm, hf = f"blocks.{i}.", f"model.layers.{i}."
             put(f"{lm}ln_1.weight", f"{hf}input_layernorm.weight", width=C)
-            for part in "qkv":
+            for part, rows in zip("qkv", (q_rows, kv_rows, kv_rows), strict=True):
                 put(f"{lm}attn.qkv.weight", f"{hf}self_attn.{part}_proj.weight", part)
-                if arch["bias"]:
-                    put(f"{lm}attn.qkv.bias", f"{hf}self_attn.{part}_proj.bias", width=C)
+                if arch["bias"] or arch["qkv_bias"]:
+                    put(f"{lm}attn.qkv.bias", f"{hf}self_attn.{part}_proj.bias", part if arch["qkv_bias"] else "copy",
+                        width=rows)
             put(f"{lm}attn.proj.weight", f"{hf}self_attn.o_proj.weight")
-            if arch["bias"]:
+            if arch["bias"] or arch["qkv_bias"]:
                 put(f"{lm}attn.proj.bias", f"{hf}self_attn.o_proj.bias", width=C)
             if kind == "qwen3":
                 put(f"{lm}attn.q_norm.weight", f"{hf}self_attn.q_norm.weight", width=head_dim)

@@ -62,7 +62,13 @@ def test_wrong_types_are_named(argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "gpt", "--n_embd", "100", "--n_head", "3"], "--n_embd 100: must be divisible by n_head (3)"),
+    (["--model", "gpt", "--n_embd", "100", "--n_head", "3"], "--n_embd 100: must be divisible by n_head (3), or give "
+                                                             "head_dim"),
+    (["--model", "gpt", "--n_head", "4", "--n_kv_head", "3"], "--n_kv_head 3: must divide n_head (4)"),
+    (["--model", "gpt", "--head_dim", "0"], "--head_dim 0: must be at least 1 (or none)"),
+    (["--model", "gpt", "--norm_eps", "0"], "--norm_eps 0.0: must be positive"),
+    (["--model", "lstm", "--qkv_bias", "true"], "--qkv_bias True: shapes a GPT only"),
+    (["--model", "gpt", "--head_dim", "15"], "rope rotates pairs of dimensions: the head width (15) must be even"),
     (["--block_size", "1"], "--block_size 1: must be at least 2"),
     (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
     (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
@@ -72,7 +78,7 @@ def test_wrong_types_are_named(argv, message):
     (["--tokenizer", "sentencepiece"], "--tokenizer 'sentencepiece': must be one of byte, char, word, bpe"),
     (["--bpe_vocab_size", "100"], "--bpe_vocab_size 100: must be at least 260"),
     (["--model", "lstm", "--mlp", "swiglu"], "--mlp 'swiglu': shapes a GPT only: leave it out with --model lstm"),
-    (["--model", "gpt", "--n_embd", "30", "--n_head", "6"], "rope rotates pairs of dimensions: n_embd / n_head (5)"),
+    (["--model", "gpt", "--n_embd", "30", "--n_head", "6"], "rope rotates pairs of dimensions: the head width (5)"),
     (["--muon_momentum", "1"], "--muon_momentum 1.0: must be in [0, 1)"),
     (["--decay_fraction", "1.5"], "--decay_fraction 1.5: must be between 0 and 1"),
     (["--lr_schedule", "wsdd"], "did you mean 'wsd'?"),

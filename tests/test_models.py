@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmdist.config import GPT_STYLES, TrainConfig, make_config
+from lmdist.config import GPT_SHAPES, GPT_STYLES, TrainConfig, make_config, swiglu_width
 from lmdist.models import GPT, LSTMLanguageModel, build_model, count_parameters
-from lmdist.models.gpt import Rotary, swiglu_width
+from lmdist.models.gpt import Rotary
 
 SMALL_GPT = {"model": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
 
@@ -131,8 +131,59 @@ def test_each_option_shapes_the_gpt_over_either_style(style, option, value, chec
     cfg = make_config({**SMALL_GPT, "gpt_style": style, option: value})
     assert cfg.architecture[option] == value
     assert check(build_model(cfg, 65))
-    others = {k: v for k, v in cfg.architecture.items() if k not in (option, "rope_theta")}
+    others = {k: v for k, v in cfg.architecture.items() if k not in (option, "rope_theta", *GPT_SHAPES)}
     assert others == {k: v for k, v in GPT_STYLES[style].items() if k != option}  # nothing else moved
+
+
+def test_grouped_query_attention_shares_each_key_value_head_with_its_group():
+    """n_kv_head 2 of n_head 4: query heads 0-1 read key/value head 0 and heads 2-3 head 1, as transformers'
+    repeat_kv has it: the logits of full attention whose key/value heads are those heads repeated."""
+    shape, d = {**SMALL_GPT, "n_head": 4, "gpt_style": "modern"}, 8
+    grouped = build_model(make_config({**shape, "n_kv_head": 2}), 65).eval()
+    full = build_model(make_config(shape), 65).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in grouped.parameters():
+            parameter.normal_(0, 0.3)  # not the zero init, which would hide the attention
+    state = grouped.state_dict()
+    assert state["blocks.0.attn.qkv.weight"].shape == ((4 + 2 * 2) * d, 32)
+    idx = torch.randint(0, 65, (2, 16))
+
+    def full_logits(repeat) -> torch.Tensor:
+        expanded = dict(state)
+        for i in range(2):
+            q, k, v = state[f"blocks.{i}.attn.qkv.weight"].split([4 * d, 2 * d, 2 * d])
+            k, v = (repeat(t.view(2, d, 32)).reshape(4 * d, 32) for t in (k, v))
+            expanded[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v])
+        full.load_state_dict(expanded)
+        return full(idx)
+
+    torch.testing.assert_close(grouped(idx), full_logits(lambda t: t.repeat_interleave(2, dim=0)), rtol=0, atol=1e-5)
+    assert not torch.allclose(grouped(idx), full_logits(lambda t: t.repeat(2, 1, 1)), atol=1e-3)  # heads 0-2, 1-3
+
+
+@pytest.mark.parametrize("field, value, check", [
+    ("head_dim", 24, lambda net: net.blocks[0].attn.qkv.weight.shape == (3 * 2 * 24, 32)
+                                 and net.blocks[0].attn.proj.weight.shape == (32, 48)),
+    ("mlp_width", 50, lambda net: net.blocks[0].mlp.gate.weight.shape == (50, 32)),
+    ("norm_eps", 1e-3, lambda net: net.ln_f.eps == net.blocks[0].attn.q_norm.eps == 1e-3),
+    ("qkv_bias", True, lambda net: net.blocks[0].attn.qkv.bias.shape == (3 * 32,)),
+    ("mlp", "gelu_tanh", lambda net: net.blocks[0].mlp.activation == "gelu_tanh"),
+])
+def test_a_pretrained_models_shapes_build_what_they_say(field, value, check):
+    net = build_model(make_config({**SMALL_GPT, "gpt_style": "modern", field: value}), 65)
+    assert check(net)
+    assert net(torch.randint(0, 65, (2, 16))).shape == (2, 16, 65)
+
+
+def test_gelu_tanh_is_the_tanh_approximation():
+    cfg = {**SMALL_GPT, "gpt_style": "gpt2"}
+    exact, tanh = (build_model(make_config({**cfg, "mlp": mlp}), 65).blocks[0].mlp.eval()
+                   for mlp in ("gelu", "gelu_tanh"))
+    tanh.load_state_dict(exact.state_dict())
+    x = torch.randn(4, 32) * 3
+    torch.testing.assert_close(tanh(x), tanh.proj(F.gelu(tanh.fc(x), approximate="tanh")))
+    assert not torch.allclose(tanh(x), exact(x), atol=1e-6)
 
 
 def test_swiglu_keeps_the_gelu_mlps_parameter_count():

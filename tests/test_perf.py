@@ -29,8 +29,11 @@ def counted_flops_per_token(loss_of: callable, idx: torch.Tensor) -> float:
 @pytest.mark.parametrize("options", [{"gpt_style": "gpt2"}, {"gpt_style": "modern"},
                                      {"gpt_style": "modern", "mlp": "relu2", "tie_weights": True},
                                      {"gpt_style": "gpt2", "mlp": "swiglu", "bias": False, "tie_weights": False},
-                                     {"gpt_style": "gpt2", "position": "rope", "qk_norm": True, "norm": "rmsnorm"}],
-                         ids=["gpt2", "modern", "modern-relu2-tied", "gpt2-swiglu-untied", "gpt2-rope-qknorm"])
+                                     {"gpt_style": "gpt2", "position": "rope", "qk_norm": True, "norm": "rmsnorm"},
+                                     {"gpt_style": "modern", "n_kv_head": 2, "head_dim": 24, "mlp_width": 100,
+                                      "qkv_bias": True}],
+                         ids=["gpt2", "modern", "modern-relu2-tied", "gpt2-swiglu-untied", "gpt2-rope-qknorm",
+                              "modern-gqa-head24-mlp100"])
 def test_gpt_flops_per_token_is_the_palm_formula_and_what_torch_counts(options):
     model = build_model(make_config({"model": "gpt", "block_size": 64, "n_layer": 3, "n_head": 4, "n_embd": 64,
                                      "dropout": 0.0, **options}), 512)
@@ -38,7 +41,7 @@ def test_gpt_flops_per_token_is_the_palm_formula_and_what_torch_counts(options):
     if model.lm_head.weight is not model.wte.weight:  # except a token embedding that is the head too
         lookups.append(model.wte.weight)
     n = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in lookups)
-    assert model.flops_per_token() == 6 * n + 12 * 3 * 64 * 64
+    assert model.flops_per_token() == 6 * n + 12 * 3 * (4 * options.get("head_dim", 16)) * 64  # query heads' width
     idx = torch.randint(0, 512, (2, 64))
     with sdpa_kernel(SDPBackend.MATH):  # attention as plain matmuls, which the counter sees
         counted = counted_flops_per_token(lambda i: F.cross_entropy(model(i).flatten(0, 1), i.flatten()), idx)

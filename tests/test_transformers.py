@@ -27,6 +27,12 @@ MAPPINGS = {  # lmdist architecture -> the transformers class its export must be
                                "vocab_multiple": 16}, "LlamaForCausalLM"),
     "qwen3": ({"gpt_style": "modern"}, "Qwen3ForCausalLM"),
     "qwen3 tied, no scales": ({"gpt_style": "modern", "tie_weights": True, "norm_scale": False}, "Qwen3ForCausalLM"),
+    "gpt2 tanh, qkv bias, widths": ({"gpt_style": "gpt2", "mlp": "gelu_tanh", "qkv_bias": True, "mlp_width": 48,
+                                     "norm_eps": 1e-3}, "GPT2LMHeadModel"),
+    "llama grouped, qkv bias": ({"gpt_style": "modern", "qk_norm": False, "n_head": 4, "n_kv_head": 2,
+                                 "head_dim": 12, "mlp_width": 40, "norm_eps": 1e-5, "qkv_bias": True},
+                                "LlamaForCausalLM"),
+    "qwen3 grouped": ({"gpt_style": "modern", "n_head": 4, "n_kv_head": 1, "head_dim": 16}, "Qwen3ForCausalLM"),
 }
 PROMPT = "the cat "
 # Text a tokenizer must encode as lmdist does: Python's whitespace (wider than a Rust regex's \s), line ends,
@@ -189,6 +195,7 @@ def test_weights_an_lmdist_model_cannot_hold_are_refused_on_reading(exports, tmp
     ({"gpt_style": "modern", "mlp": "relu2"}, "rope with mlp relu2"),
     ({"gpt_style": "gpt2", "norm": "rmsnorm"}, "learned positions with norm rmsnorm"),
     ({"gpt_style": "modern", "bias": True}, "rope with qk_norm and bias"),
+    ({"gpt_style": "gpt2", "n_head": 4, "n_kv_head": 2}, "learned positions with n_kv_head 2"),
     ({"model": "lstm", "embedding_dim": 16, "hidden_dim": 16}, "the LSTM has no transformers equivalent"),
 ])
 def test_a_model_without_an_equivalent_is_exported_in_lmdists_format_and_says_why(fields, reason, tmp_path):

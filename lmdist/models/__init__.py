@@ -34,6 +34,11 @@ def describe(cfg: TrainConfig) -> str:
              arch["norm"] + ("" if arch["norm_scale"] else " without scale"), *(["qk-norm"] * arch["qk_norm"]),
              arch["mlp"], "biases" if arch["bias"] else "no biases", *(["zero-init projections"] * arch["zero_init"]),
              head]
+    shapes = {f"{arch['n_kv_head']} key/value heads": arch["n_kv_head"] != cfg.n_head,
+              f"head width {arch['head_dim']}": cfg.head_dim is not None,
+              f"mlp width {arch['mlp_width']}": cfg.mlp_width is not None,
+              f"norm eps {arch['norm_eps']}": arch["norm_eps"] is not None, "qkv bias": arch["qkv_bias"]}
+    parts += [part for part, shown in shapes.items() if shown]
     return (f"model: gpt {cfg.gpt_style}{' with ' + ', '.join(overridden) + ' set' if overridden else ''}: "
             f"{cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, {', '.join(parts)}")
 

@@ -18,19 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmdist.config import default_mlp_width
 from lmdist.models.parameters import count_parameters
 
 
-def norm_layer(kind: str, width: int, scale: bool, bias: bool) -> nn.Module:
+def norm_layer(kind: str, width: int, scale: bool, bias: bool, eps: float | None) -> nn.Module:
+    """eps None: torch's default for the norm (LayerNorm 1e-5; RMSNorm the machine epsilon of its input's dtype)."""
     if kind == "layernorm":
-        return nn.LayerNorm(width, elementwise_affine=scale, bias=bias and scale)
-    return nn.RMSNorm(width, elementwise_affine=scale)
-
-
-def swiglu_width(n_embd: int) -> int:
-    """SwiGLU's hidden units: three matrices of n_embd x h hold what GELU's two of n_embd x 4n_embd hold when
-    h = 8/3 n_embd, rounded to a multiple of 8 (as Llama rounds to its `multiple_of`)."""
-    return max(8, round(8 * n_embd / 3 / 8) * 8)
+        return nn.LayerNorm(width, eps=1e-5 if eps is None else eps, elementwise_affine=scale, bias=bias and scale)
+    return nn.RMSNorm(width, eps=eps, elementwise_affine=scale)
 
 
 class Rotary(nn.Module):
@@ -55,54 +51,62 @@ class Rotary(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, qk_norm: bool, norm_scale: bool,
-                 rotary: Rotary | None):
+                 rotary: Rotary | None, *, n_kv_head: int, head_dim: int, norm_eps: float | None, qkv_bias: bool):
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
-        # No bias: a key bias cannot change the softmax, so its gradient is pure rounding noise that
-        # Adam would amplify into updates; query/value biases add little (as in modern GPTs).
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.n_head, self.n_kv_head, self.head_dim, self.dropout = n_head, n_kv_head, head_dim, dropout
+        # No bias by default: a key bias cannot change the softmax, so its gradient is pure rounding noise that
+        # Adam would amplify into updates; query/value biases add little (as in modern GPTs). Pretrained
+        # GPT-2 and Qwen2 have one: qkv_bias.
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
         self.resid_drop = nn.Dropout(dropout)
         if qk_norm:  # per head, as Qwen3 and modded-nanogpt: attention logits cannot grow without bound
-            self.q_norm = nn.RMSNorm(n_embd // n_head, elementwise_affine=norm_scale)
-            self.k_norm = nn.RMSNorm(n_embd // n_head, elementwise_affine=norm_scale)
+            self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps, elementwise_affine=norm_scale)
+            self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps, elementwise_affine=norm_scale)
         self.qk_norm = qk_norm
         self.rotary = rotary  # shared by every block; holds no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, d)
+        B, T, _ = x.shape
+        nh, nkv, d = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([nh * d, nkv * d, nkv * d], dim=2)
+        q = q.view(B, T, nh, d).transpose(1, 2)  # (B, nh, T, d)
+        k, v = (t.view(B, T, nkv, d).transpose(1, 2) for t in (k, v))  # (B, nkv, T, d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        grouped = {"enable_gqa": True} if nkv != nh else {}  # query head h reads key/value head h // (nh / nkv)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True,
+                                           **grouped)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, nh * d)))
 
 
 class MLP(nn.Module):
-    """`gelu` (GPT-2) or `relu2` (ReLU squared, modded-nanogpt): fc -> activation -> proj, 4 x n_embd wide."""
+    """`gelu` (GPT-2; `gelu_tanh`, its tanh approximation, pretrained GPT-2's) or `relu2` (ReLU squared,
+    modded-nanogpt): fc -> activation -> proj, `hidden` wide (4 x n_embd by default)."""
 
-    def __init__(self, n_embd: int, dropout: float, bias: bool, activation: str):
+    def __init__(self, n_embd: int, hidden: int, dropout: float, bias: bool, activation: str):
         super().__init__()
-        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
         self.drop = nn.Dropout(dropout)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        h = F.gelu(h) if self.activation == "gelu" else F.relu(h).square()
+        if self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.drop(self.proj(h))
 
 
 class SwiGLU(nn.Module):
-    """Llama's MLP: proj(silu(gate(x)) * up(x)), swiglu_width(n_embd) wide."""
+    """Llama's MLP: proj(silu(gate(x)) * up(x)), `hidden` wide (config.swiglu_width(n_embd) by default)."""
 
-    def __init__(self, n_embd: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, hidden: int, dropout: float, bias: bool):
         super().__init__()
-        hidden = swiglu_width(n_embd)
         self.gate = nn.Linear(n_embd, hidden, bias=bias)
         self.up = nn.Linear(n_embd, hidden, bias=bias)
         self.proj = nn.Linear(hidden, n_embd, bias=bias)
@@ -114,12 +118,15 @@ class SwiGLU(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, *, norm: str, norm_scale: bool, bias: bool,
-                 qk_norm: bool, mlp: str, rotary: Rotary | None):
+                 qk_norm: bool, mlp: str, rotary: Rotary | None, n_kv_head: int, head_dim: int, mlp_width: int,
+                 norm_eps: float | None, qkv_bias: bool):
         super().__init__()
-        self.ln_1 = norm_layer(norm, n_embd, norm_scale, bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm, norm_scale, rotary)
-        self.ln_2 = norm_layer(norm, n_embd, norm_scale, bias)
-        self.mlp = SwiGLU(n_embd, dropout, bias) if mlp == "swiglu" else MLP(n_embd, dropout, bias, mlp)
+        self.ln_1 = norm_layer(norm, n_embd, norm_scale, bias, norm_eps)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm, norm_scale, rotary, n_kv_head=n_kv_head,
+                                        head_dim=head_dim, norm_eps=norm_eps, qkv_bias=qkv_bias)
+        self.ln_2 = norm_layer(norm, n_embd, norm_scale, bias, norm_eps)
+        self.mlp = (SwiGLU(n_embd, mlp_width, dropout, bias) if mlp == "swiglu"
+                    else MLP(n_embd, mlp_width, dropout, bias, mlp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -130,17 +137,22 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
                  dropout: float, tie_weights: bool = True, *, position: str = "learned", rope_theta: float = 10000.0,
                  norm: str = "layernorm", norm_scale: bool = True, qk_norm: bool = False, mlp: str = "gelu",
-                 bias: bool = True, zero_init: bool = False):
+                 bias: bool = True, zero_init: bool = False, n_kv_head: int | None = None, head_dim: int | None = None,
+                 mlp_width: int | None = None, norm_eps: float | None = None, qkv_bias: bool = False):
         super().__init__()
+        head_dim, mlp_width = head_dim or n_embd // n_head, mlp_width or default_mlp_width(mlp, n_embd)
         self.block_size, self.n_layer, self.n_embd = block_size, n_layer, n_embd
+        self.attention_width = n_head * head_dim  # the query heads': n_embd unless head_dim says otherwise
         self.wte = nn.Embedding(vocab_size, n_embd)
         if position == "learned":
             self.wpe = nn.Embedding(block_size, n_embd)
-        rotary = Rotary(n_embd // n_head, block_size, rope_theta) if position == "rope" else None
+        rotary = Rotary(head_dim, block_size, rope_theta) if position == "rope" else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, norm=norm, norm_scale=norm_scale, bias=bias,
-                                          qk_norm=qk_norm, mlp=mlp, rotary=rotary) for _ in range(n_layer))
-        self.ln_f = norm_layer(norm, n_embd, norm_scale, bias)
+                                          qk_norm=qk_norm, mlp=mlp, rotary=rotary, n_kv_head=n_kv_head or n_head,
+                                          head_dim=head_dim, mlp_width=mlp_width, norm_eps=norm_eps, qkv_bias=qkv_bias)
+                                    for _ in range(n_layer))
+        self.ln_f = norm_layer(norm, n_embd, norm_scale, bias, norm_eps)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -169,12 +181,13 @@ class GPT(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs (forward + backward) per token, the PaLM convention: 6N for the weights plus
         12*L*n_embd*T for attention, N without the embedding lookups (positions; tokens, unless they are the
-        head too). Rotary angles and norms are elementwise, not matmuls."""
+        head too). The attention term counts the query heads' width (n_head x head_dim); grouped keys and
+        values change the weights, not it. Rotary angles and norms are elementwise, not matmuls."""
         lookups = [self.wpe.weight] if hasattr(self, "wpe") else []
         if self.lm_head.weight is not self.wte.weight:
             lookups.append(self.wte.weight)
         n = count_parameters(self) - sum(w.numel() for w in lookups)
-        return 6 * n + 12 * self.n_layer * self.n_embd * self.block_size
+        return 6 * n + 12 * self.n_layer * self.attention_width * self.block_size
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, time) -> next-token logits (batch, time, vocab)."""
