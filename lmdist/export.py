@@ -23,10 +23,10 @@ import torch
 from lmdist import transformers_format
 from lmdist.checkpoint import gather_weights, load_state, weights_origin, without_tied_copies
 from lmdist.config import GPT_FIELDS, GPT_SHAPES, TrainConfig, make_config, upgrade_saved
-from lmdist.errors import StorageError
+from lmdist.errors import ConfigError, StorageError
 from lmdist.files import agree_on_writes, save_safetensors, write_json, writing
 from lmdist.models import build_model, vocab_rows
-from lmdist.tokenizer import Tokenizer, save_for_transformers
+from lmdist.tokenizer import HFTokenizer, Tokenizer, save_for_transformers
 
 MODEL_FIELDS = {
     "lstm": ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights", "vocab_multiple"),
@@ -116,11 +116,65 @@ def read_weights(folder: str) -> dict[str, torch.Tensor]:
     return transformers_format.from_transformers(cfg, tensors, names)
 
 
-def init_weights(module: torch.nn.Module, folder: str) -> str:
-    """`init_from`: load `folder`'s weights (a checkpoint or an export) into `module`; returns a line saying
-    what was loaded, and from where."""
+def is_transformers_folder(folder: str) -> bool:
+    """A transformers model folder that is not an lmdist export: a config.json with a model_type."""
+    path = os.path.join(folder, "config.json")
+    if os.path.exists(os.path.join(folder, LMDIST_FILE)) or not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return "model_type" in json.load(f)
+
+
+def adopt_pretrained(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """With `init_from` a transformers folder: the config with the model fields of its config.json and its
+    tokenizer, and a line saying what they are; else `cfg` unchanged and None."""
+    if not cfg.init_from or not is_transformers_folder(cfg.init_from):
+        return cfg, None
+    with open(os.path.join(cfg.init_from, "config.json")) as f:
+        hf = json.load(f)
+    try:
+        fields = transformers_format.fields_from_config(hf, cfg.block_size)
+    except transformers_format.NotExportable as why:
+        raise ConfigError(f"--init_from {cfg.init_from}: lmdist's GPT cannot hold this model exactly ({why})") from None
+    if not os.path.exists(os.path.join(cfg.init_from, "tokenizer.json")):
+        raise ConfigError(f"--init_from {cfg.init_from} has no tokenizer.json: its ids would mean nothing to "
+                          "another tokenizer; save the model's tokenizer there (tokenizer.save_pretrained)")
+    tokens, rows = HFTokenizer.from_folder(cfg.init_from).vocab_size, hf["vocab_size"]
+    if rows < tokens:
+        raise ConfigError(f"--init_from {cfg.init_from}: its tokenizer has {tokens} tokens and its embedding "
+                          f"{rows} rows; every token needs one")
+    # all of its rows, those past the tokenizer included (transformers' softmax counts them): ceil(t / r) * r = r
+    fields["vocab_multiple"] = rows if rows > tokens else 1
+    adopted = make_config({**cfg.to_dict(), **fields, "tokenizer": cfg.init_from})
+    changed = ", ".join(f"{name} {value}" for name, value in fields.items() if getattr(cfg, name) != value)
+    return adopted, (f"init_from: {cfg.init_from} is a transformers {hf.get('architectures', [hf['model_type']])[0]}: "
+                     f"trained as lmdist's gpt with {changed or 'the configured fields'}, and its tokenizer")
+
+
+def _transformers_tensors(folder: str) -> dict[str, torch.Tensor]:
+    """A transformers folder's weights: model.safetensors, or the shards its index names."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return load_file(os.path.join(folder, "model.safetensors"))
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return {name: tensor for shard in shards for name, tensor in load_file(os.path.join(folder, shard)).items()}
+
+
+def init_weights(module: torch.nn.Module, folder: str, cfg: TrainConfig) -> str:
+    """`init_from`: load `folder`'s weights (a checkpoint, an export or a transformers folder, which
+    adopt_pretrained has configured `cfg` for) into `module`; returns a line saying what was loaded, and
+    from where."""
     file = os.path.join(folder, "model.safetensors")
-    state = load_state(module, read_weights(folder), file)
+    if is_transformers_folder(folder):
+        shapes = {name: tensor.shape for name, tensor in module.state_dict().items()}
+        rows = {"wpe.weight": shapes["wpe.weight"][0]} if "wpe.weight" in shapes else {}  # block_size positions
+        weights = transformers_format.from_transformers(cfg, _transformers_tensors(folder), set(shapes), rows)
+    else:
+        weights = read_weights(folder)
+    state = load_state(module, weights, file)
     origin = weights_origin(folder)
     return (f"init_from: loaded {len(state)} tensors ({sum(t.numel() for t in state.values()):,} parameters) "
             f"from {file}{f' ({origin})' if origin else ''}")

@@ -184,8 +184,11 @@ class Run:
 
 def setup(cfg: TrainConfig) -> Run | None:
     """Everything one launch trains with, or None when output_dir holds this very run, finished."""
+    cfg, adopted = export.adopt_pretrained(cfg)  # init_from a transformers folder: its architecture and tokenizer
     streaming.check_streaming_config(cfg)
     accelerator = engine.build_accelerator(cfg)
+    if adopted:
+        accelerator.print(adopted)
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
                            int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
@@ -224,7 +227,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     # The model, and what trains it.
     model = build_model(cfg, corpus.tokenizer.vocab_size)
     if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
-        accelerator.print(export.init_weights(model, cfg.init_from))
+        accelerator.print(export.init_weights(model, cfg.init_from, cfg))
     n_params, flops_per_token = count_parameters(model), model.flops_per_token()
     model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it
     model = engine.compile_if_asked(model, cfg, accelerator.device)

@@ -57,6 +57,47 @@ def _unlike(arch: dict, **wanted) -> str:
     return ", ".join(f"{name} {arch[name]}" for name, value in wanted.items() if arch[name] != value)
 
 
+def fields_from_config(hf: dict, block_size: int) -> dict:
+    """lmdist's model fields for a transformers config.json (as a dict) of a family lmdist's GPT computes
+    exactly: GPT-2, Llama (without RoPE scaling), Qwen2, Qwen3. NotExportable names what does not fit."""
+    kind, tie = hf.get("model_type"), hf.get("tie_word_embeddings", hf.get("model_type") == "gpt2")
+    if kind == "gpt2":
+        activation = hf.get("activation_function", "gelu_new")
+        mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(activation)
+        if mlp is None or hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+            raise NotExportable(f"GPT-2 with activation_function {activation}, scale_attn_by_inverse_layer_idx "
+                                f"{hf.get('scale_attn_by_inverse_layer_idx')}, scale_attn_weights "
+                                f"{hf.get('scale_attn_weights', True)}: lmdist's GPT has GELU (or its tanh form) "
+                                "and attention scaled by 1/sqrt(head width) only")
+        positions = hf.get("n_positions", 1024)
+        if block_size > positions:
+            raise NotExportable(f"block_size {block_size} is longer than its {positions} learned positions")
+        return {"model": "gpt", "gpt_style": "gpt2", "n_layer": hf["n_layer"], "n_head": hf["n_head"],
+                "n_embd": hf["n_embd"], "position": "learned", "norm": "layernorm", "norm_scale": True,
+                "qk_norm": False, "mlp": mlp, "bias": True, "qkv_bias": True, "zero_init": False, "tie_weights": tie,
+                "mlp_width": hf.get("n_inner") or 4 * hf["n_embd"], "norm_eps": hf.get("layer_norm_epsilon", 1e-5)}
+    if kind not in ("llama", "qwen2", "qwen3"):
+        raise NotExportable(f"model_type {kind!r}: lmdist's GPT computes gpt2, llama, qwen2 and qwen3 exactly")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    unsupported = {f"rope_type {rope_type}": rope_type != "default",
+                   f"hidden_act {hf.get('hidden_act')}": hf.get("hidden_act", "silu") != "silu",
+                   "use_sliding_window": bool(hf.get("use_sliding_window"))}
+    if any(unsupported.values()):
+        raise NotExportable(f"{kind} with {', '.join(k for k, v in unsupported.items() if v)}: lmdist's GPT has "
+                            "unscaled RoPE, a SiLU SwiGLU and full causal attention")
+    qkv_bias = kind == "qwen2" or hf.get("attention_bias", False)
+    heads = hf["num_attention_heads"]
+    return {"model": "gpt", "gpt_style": "modern", "n_layer": hf["num_hidden_layers"], "n_head": heads,
+            "n_embd": hf["hidden_size"], "position": "rope", "norm": "rmsnorm", "norm_scale": True,
+            "qk_norm": kind == "qwen3", "mlp": "swiglu", "zero_init": False, "tie_weights": tie,
+            # lmdist's `bias` is the output projection's and the MLP's; a bias transformers lacks reads as zeros
+            "bias": kind != "qwen2" and (hf.get("attention_bias", False) or hf.get("mlp_bias", False)),
+            "qkv_bias": qkv_bias, "n_kv_head": hf.get("num_key_value_heads") or heads,
+            "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads, "mlp_width": hf["intermediate_size"],
+            "norm_eps": hf.get("rms_norm_eps", 1e-6), "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 1e4))}
+
+
 def config(cfg: TrainConfig, vocab_rows: int, eos_id: int | None) -> dict:
     """config.json for `cfg`'s model with `vocab_rows` embedding rows."""
     arch, kind = cfg.architecture, family(cfg)
@@ -98,14 +139,24 @@ def to_transformers(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
-def from_transformers(cfg: TrainConfig, tensors: dict[str, torch.Tensor], lmdist_names: set[str]) -> dict:
-    """transformers' weights in the names of lmdist's model for `cfg` (whose state dict has `lmdist_names`)."""
+def from_transformers(cfg: TrainConfig, tensors: dict[str, torch.Tensor], lmdist_names: set[str],
+                      rows: dict[str, int] | None = None) -> dict:
+    """transformers' weights in the names of lmdist's model for `cfg` (whose state dict has `lmdist_names`).
+    `rows`: lmdist name -> the rows its model has where a pretrained model has more (learned positions past
+    block_size): the first rows are kept, the others never used."""
     state, qkv = {}, {}
-    for lmdist_name, hf_name, how, _ in _pairs(cfg, lmdist_names):
-        if hf_name not in tensors:
+    for lmdist_name, hf_name, how, width in _pairs(cfg, lmdist_names):
+        if hf_name not in tensors:  # a bias the pretrained model lacks is zero (Llama: mlp_bias, no attention_bias)
+            if lmdist_name is None and how == "zeros":
+                continue
+            if lmdist_name is not None and lmdist_name.endswith(".bias") and how == "copy":
+                state[lmdist_name] = torch.zeros(width)
+                continue
             raise CheckpointError(f"the transformers weights lack {hf_name}, which a {family(cfg)} model of this "
                                   "config has")
         tensor = tensors[hf_name]
+        if rows and lmdist_name in rows:
+            tensor = tensor[:rows[lmdist_name]]
         if lmdist_name is None:  # lmdist's model has no such parameter: only its neutral value is the same maths
             if not torch.equal(tensor, torch.full_like(tensor, 1.0 if how == "ones" else 0.0)):
                 raise CheckpointError(f"{hf_name} is not all {1 if how == 'ones' else 0}s, and lmdist's model has no "

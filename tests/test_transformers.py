@@ -16,7 +16,7 @@ from lmdist import export, inference, transformers_format
 from lmdist.config import make_config
 from lmdist.models import build_model, vocab_rows
 from lmdist.tokenizer import ByteTokenizer, HFTokenizer, VocabTokenizer, save_for_transformers
-from tests.conftest import TINY_GPT, launch_env, run_ok
+from tests.conftest import TINY_GPT, TRAIN, launch_env, run_ok
 
 GPT = {"model": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.0}
 MAPPINGS = {  # lmdist architecture -> the transformers class its export must be
@@ -302,3 +302,115 @@ def test_a_run_exports_final_as_a_transformers_folder_and_lmdist_export_writes_t
 def test_family_follows_the_architecture_not_the_style():
     assert transformers_format.family(make_config({**GPT, "gpt_style": "modern", "qk_norm": False})) == "llama"
     assert transformers_format.family(make_config({**GPT, "gpt_style": "gpt2", "zero_init": True})) == "gpt2"
+
+
+# ----------------------------------------------------------------------------- in: init_from a transformers folder
+
+PRETRAINED_SIDE = r"""
+import json, sys
+sys.modules["lmdist"] = None
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config)
+root, text, val_text = sys.argv[1], sys.argv[2], sys.argv[3]
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+shape = dict(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+configs = {  # vocabularies padded past the tokenizer's; biases, groups and head widths of each family
+    "gpt2": GPT2Config(vocab_size=320, n_positions=128, n_embd=32, n_layer=2, n_head=2),
+    "llama": LlamaConfig(**shape, num_key_value_heads=2, rms_norm_eps=1e-5, mlp_bias=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "qwen2": Qwen2Config(**shape, num_key_value_heads=1, tie_word_embeddings=True),
+    "qwen3": Qwen3Config(**shape, num_key_value_heads=2, head_dim=16),
+}
+out = {}
+for name, config in configs.items():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)  # biases and norm scales too, which start at 0 and 1
+    model.save_pretrained(f"{root}/{name}", max_shard_size="50KB" if name == "qwen3" else "5GB")  # qwen3: shards
+    tokenizer.save_pretrained(f"{root}/{name}")
+    ids = tokenizer(val_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:64]])).logits[0].tolist()
+        for start in range(0, len(ids) - 1, 64):  # lmdist's evaluation packing
+            chunk = torch.tensor([ids[start:start + 65]])
+            total += torch.nn.functional.cross_entropy(model(chunk[:, :-1]).logits[0], chunk[0, 1:],
+                                                       reduction="sum").item()
+            count += chunk.shape[1] - 1
+    out[name] = {"ids": ids[:64], "logits": logits, "loss": total / count, "class": type(model).__name__}
+print(json.dumps(out))
+"""
+PRETRAINED = ("gpt2", "llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Tiny random transformers models of each family lmdist imports, saved with a BPE tokenizer, and
+    transformers' logits and validation loss on them."""
+    root = tmp_path_factory.mktemp("pretrained")
+    val = root / "val.txt"
+    val.write_text("".join(f"a dog sat on the mat {i}\n" for i in range(30)))
+    hf = in_transformers(PRETRAINED_SIDE, str(root), training_text(), val.read_text())
+    return root, val, hf
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_lmdist_computes_a_pretrained_models_logits_with_its_tokenizer(pretrained, name):
+    from lmdist import export
+    from lmdist.tokenizer import HFTokenizer
+
+    root, val, hf = pretrained
+    folder = str(root / name)
+    cfg, line = export.adopt_pretrained(make_config({"init_from": folder, "block_size": 64, "dropout": 0.0}))
+    assert line.startswith(f"init_from: {folder} is a transformers {hf[name]['class']}: trained as lmdist's gpt with")
+    assert cfg.tokenizer == folder and cfg.model == "gpt"
+    tokenizer = HFTokenizer.from_folder(folder)
+    assert (tokenizer.encode(val.read_text()) + [tokenizer.eos_id])[:64] == hf[name]["ids"]  # its ids, as lmdist reads
+    model = build_model(cfg, tokenizer.vocab_size).eval()
+    assert "init_from: loaded" in export.init_weights(model, folder, cfg)
+    assert (root / name / "model.safetensors.index.json").exists() == (name == "qwen3")  # one read from its shards
+    with torch.no_grad():
+        logits = model(torch.tensor([hf[name]["ids"]]))[0]
+    theirs = torch.tensor(hf[name]["logits"])
+    assert logits.shape == theirs.shape == (64, 320)  # all its rows, those past the tokenizer's too
+    assert cfg.vocab_multiple == 320 > tokenizer.vocab_size
+    assert (logits - theirs).abs().max().item() <= 1e-5
+
+
+def test_fine_tuning_starts_from_the_pretrained_models_loss(pretrained, tmp_path):
+    """lr 0, one step: the run's validation loss is transformers' loss on the same text, not a random init's."""
+    root, val, hf = pretrained
+    out = tmp_path / "tuned"
+    done = run_ok(["--init_from", str(root / "llama"), "--dataset", str(val), "--val_dataset", str(val),
+                   "--block_size", "64", "--batch_size", "2", "--dropout", "0", "--lr", "0", "--max_steps", "1",
+                   "--eval_every", "1", "--output_dir", str(out)], cwd=tmp_path)
+    assert "is a transformers LlamaForCausalLM: trained as lmdist's gpt with" in done.stdout + done.stderr
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["val/loss"] == pytest.approx(hf["llama"]["loss"], abs=1e-5)
+    exported = json.loads((out / "final" / "config.json").read_text())
+    assert exported["model_type"] == "llama" and exported["num_key_value_heads"] == 2  # it goes back out as it came
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type llama3"),
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
+])
+def test_a_pretrained_model_lmdist_cannot_compute_exactly_is_refused_by_name(pretrained, tmp_path, change, message):
+    import shutil
+
+    root, _, _ = pretrained
+    folder = tmp_path / "model"
+    shutil.copytree(root / "llama", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    done = subprocess.run([sys.executable, str(TRAIN), "--init_from", str(folder), "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, env=launch_env())
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
