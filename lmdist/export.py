@@ -63,9 +63,10 @@ def write_export(folder: str, state: dict[str, torch.Tensor], cfg: TrainConfig, 
         hf_config, line = None, f"lmdist's format only, no transformers model: {why}"
     with writing(folder):
         os.makedirs(folder, exist_ok=True)
-        for stale in ("config.json", "generation_config.json"):  # an earlier export of another model
-            if hf_config is None and os.path.exists(os.path.join(folder, stale)):
-                os.remove(os.path.join(folder, stale))
+        if hf_config is None:  # an earlier export's transformers files would describe another model
+            for stale in ("config.json", "generation_config.json"):
+                if os.path.exists(os.path.join(folder, stale)):
+                    os.remove(os.path.join(folder, stale))
         tensors = (transformers_format.to_transformers(cfg, state) if hf_config
                    else without_tied_copies(state))
         save_safetensors(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
@@ -101,9 +102,7 @@ def model_values(folder: str) -> tuple[dict, str]:
 
 def read_weights(folder: str) -> dict[str, torch.Tensor]:
     """The weights of an export or a checkpoint folder, in lmdist's names."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    tensors = _safetensors(folder)
     if not os.path.exists(os.path.join(folder, LMDIST_FILE)):
         return tensors  # a checkpoint, or an export from before transformers folders: lmdist's names
     with open(os.path.join(folder, LMDIST_FILE)) as f:
@@ -151,8 +150,8 @@ def adopt_pretrained(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
                      f"trained as lmdist's gpt with {changed or 'the configured fields'}, and its tokenizer")
 
 
-def _transformers_tensors(folder: str) -> dict[str, torch.Tensor]:
-    """A transformers folder's weights: model.safetensors, or the shards its index names."""
+def _safetensors(folder: str) -> dict[str, torch.Tensor]:
+    """A folder's weights: model.safetensors, or the shards its index names (transformers' large models)."""
     from safetensors.torch import load_file
 
     index = os.path.join(folder, "model.safetensors.index.json")
@@ -171,7 +170,7 @@ def init_weights(module: torch.nn.Module, folder: str, cfg: TrainConfig) -> str:
     if is_transformers_folder(folder):
         shapes = {name: tensor.shape for name, tensor in module.state_dict().items()}
         rows = {"wpe.weight": shapes["wpe.weight"][0]} if "wpe.weight" in shapes else {}  # block_size positions
-        weights = transformers_format.from_transformers(cfg, _transformers_tensors(folder), set(shapes), rows)
+        weights = transformers_format.from_transformers(cfg, _safetensors(folder), set(shapes), rows)
     else:
         weights = read_weights(folder)
     state = load_state(module, weights, file)
