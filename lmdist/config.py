@@ -123,7 +123,7 @@ class TrainConfig:
     keep_last: int = _f(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)", "checkpoints")
     keep_best: bool = _f(False, "also keep the checkpoint with the lowest val/loss (every checkpoint is then evaluated)", "checkpoints")
     resume: str = _f("auto", "`auto` (the newest complete checkpoint in output_dir, if any), `never` (refuse a used output_dir), or a checkpoint folder", "checkpoints")
-    init_from: str | None = _f(None, "start a new run from these weights only (a checkpoint, a final/ export, or a transformers GPT-2, Llama, Qwen2 or Qwen3 folder, whose architecture and tokenizer it takes too): no optimizer, counters or run id", "checkpoints")
+    init_from: str | None = _f(None, "start a new run from these weights only (a checkpoint, a final/ export, or a transformers GPT-2, Llama, Qwen2 or Qwen3 folder, whose architecture and tokenizer it takes too): no optimizer, counters or run id; relaunching the same command continues that run from its checkpoints", "checkpoints")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -304,17 +304,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.init_from is None or any(os.path.isfile(os.path.join(cfg.init_from, name))
                                       for name in ("model.safetensors", "model.safetensors.index.json")),
          "init_from", "must be a checkpoint, an export or a transformers model folder holding model.safetensors")
-    need(cfg.init_from is None or cfg.resume != "auto" or not _holds_checkpoints(cfg.output_dir), "init_from",
-         f"cannot start a new run in {cfg.output_dir}, which already holds checkpoints: choose another output_dir")
     need(bool(cfg.text_column), "text_column", "must name a column")
     need(bool(cfg.output_dir), "output_dir", "must name a folder")
     need(cfg.tokenizer in TOKENIZER_NAMES or os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")), "tokenizer",
          f"must be one of {', '.join(TOKENIZER_NAMES)} or a folder holding a HuggingFace tokenizer.json")
-
-
-def _holds_checkpoints(output_dir: str) -> bool:
-    folder = os.path.join(output_dir, "checkpoints")
-    return os.path.isdir(folder) and any(name.startswith("step_") for name in os.listdir(folder))
 
 
 # ----------------------------------------------------------------------------- help

@@ -135,10 +135,27 @@ def check_compatible(resume: Resume, cfg: TrainConfig) -> None:
 
     batch_size and grad_accum may differ where the global batch is the same (adapt_to_world_size chose them).
     """
+    check_same_start(resume, cfg)
     saved, processes = resume.config, resume.resumed_by or resume.world_size
     if processes * cfg.batch_size * cfg.grad_accum == resume.global_batch:
         saved = {**saved, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
     refuse_changes(saved, cfg, f"the checkpoint {resume.path}", "checkpoint")
+
+
+def check_same_start(resume: Resume, cfg: TrainConfig) -> None:
+    """Refuse `init_from` weights for a launch that would continue a run which did not start from them.
+
+    The same init_from continues its run (a requeued fine-tuning job relaunches its first command); the
+    checkpoint's weights replace the init_from ones.
+    """
+    began_from = resume.config.get("init_from")
+    if cfg.init_from is None or (began_from is not None
+                                 and os.path.realpath(began_from) == os.path.realpath(cfg.init_from)):
+        return
+    start = f"init_from {began_from}" if began_from else "its own initialisation"
+    again = f"with --init_from {shlex.quote(began_from)}" if began_from else "without --init_from"
+    raise ConfigError(f"the checkpoint {resume.path} continues a run that began from {start}, not from init_from "
+                      f"{cfg.init_from}: relaunch {again} to continue it, or choose another output_dir for a new run")
 
 
 def adapt_to_world_size(resume: Resume, cfg: TrainConfig, world_size: int, say) -> tuple[Resume, TrainConfig]:

@@ -226,7 +226,7 @@ def setup(cfg: TrainConfig) -> Run | None:
 
     # The model, and what trains it.
     model = build_model(cfg, corpus.tokenizer.vocab_size)
-    if cfg.init_from:  # weights only: a new run with its own optimizer, counters and run id
+    if cfg.init_from and not resume:  # weights only: a new run with its own optimizer, counters and run id
         accelerator.print(export.init_weights(model, cfg.init_from, cfg))
     n_params, flops_per_token = count_parameters(model), model.flops_per_token()
     model = engine.shard_if_asked(model, accelerator)  # FSDP on a machine without GPUs: lmdist shards it

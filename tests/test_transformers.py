@@ -399,6 +399,47 @@ def test_fine_tuning_starts_from_the_pretrained_models_loss(pretrained, tmp_path
     assert exported["model_type"] == "llama" and exported["num_key_value_heads"] == 2  # it goes back out as it came
 
 
+def test_a_stopped_fine_tuning_run_continues_exactly_when_its_command_is_relaunched(pretrained, tmp_path):
+    """SIGTERM, then the same command (init_from included), as a requeued job does: bitwise the unstopped run.
+    init_from another folder is refused by name, and nothing of the stopped run is lost."""
+    import shutil
+    import signal
+
+    from tests.conftest import final_weights, launch_command, read_metrics, wait_for_step
+
+    root, val, _ = pretrained
+    def args(out: Path, init_from: Path = root / "llama") -> list[str]:
+        return ["--init_from", str(init_from), "--dataset", str(val), "--val_dataset", str(val), "--block_size", "32",
+                "--batch_size", "2", "--max_steps", "300", "--eval_every", "100", "--save_every", "1000",
+                "--log_every", "1", "--threads", "1", "--output_dir", str(out)]
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    run_ok(args(whole), cwd=tmp_path)
+    process = subprocess.Popen(launch_command(args(stopped)), cwd=tmp_path, env=launch_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_step(stopped, 3, process)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    saved = sorted((stopped / "checkpoints").iterdir())
+    assert len(saved) == 1 and not (stopped / "final").exists(), "the stop came after the run's end: make it longer"
+
+    twin = tmp_path / "twin"  # the same weights in another folder: another start, all the same
+    shutil.copytree(root / "llama", twin)
+    refused = subprocess.run(launch_command(args(stopped, twin)), cwd=tmp_path, env=launch_env(), text=True,
+                             capture_output=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"began from init_from {root / 'llama'}, not from init_from {twin}: relaunch with --init_from" \
+        in refused.stderr
+    assert sorted((stopped / "checkpoints").iterdir()) == saved
+
+    run_ok(args(stopped), cwd=tmp_path)
+    rows = read_metrics(stopped)
+    resumed = [row["resumed_from"] for row in rows if "resumed_from" in row]
+    assert rows[-1]["step"] == 300 and resumed == [int(saved[0].name.removeprefix("step_"))]
+    ours, theirs = final_weights(stopped), final_weights(whole)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type llama3"),
     ({"model_type": "mistral"}, "model_type 'mistral'"),
