@@ -48,7 +48,8 @@ def default_mlp_width(mlp: str, n_embd: int) -> int:
 @dataclass
 class TrainConfig:
     # model
-    model: Literal["lstm", "gpt"] = _f("lstm", "`lstm` (the lesson's LSTM language model) or `gpt` (decoder-only transformer)", "model")
+    model: Literal["lstm", "gpt", "hf"] = _f("lstm", "`lstm` (the lesson's LSTM language model), `gpt` (decoder-only transformer) or `hf` (the transformers causal LM of hf_config; needs lmdist[hf])", "model")
+    hf_config: str | None = _f(None, "--model hf: the transformers config it builds (a config.json, or a model folder holding one), its vocab_size set to the tokenizer's; default: init_from's folder", "model")
     embedding_dim: int = _f(256, "LSTM: token embedding size", "model")
     hidden_dim: int = _f(256, "LSTM: hidden size of each layer (with tie_weights the last layer outputs embedding_dim)", "model")
     num_layers: int = _f(2, "LSTM: number of stacked LSTM layers", "model")
@@ -140,6 +141,8 @@ class TrainConfig:
     def architecture(self) -> dict[str, Any]:
         """The model's resolved shape options: for a GPT each of GPT_FIELDS (set, else its gpt_style's),
         rope_theta and GPT_SHAPES (set, else their defaults); for the LSTM tie_weights (default shared)."""
+        if self.model == "hf":  # hf_config's
+            return {}
         if self.model != "gpt":
             return {"tie_weights": True if self.tie_weights is None else self.tie_weights}
         style = GPT_STYLES[self.gpt_style]
@@ -266,11 +269,19 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.norm_eps is None or cfg.norm_eps > 0, "norm_eps", "must be positive (or none: torch's default)")
     for name in GPT_SHAPES:
         need(cfg.model == "gpt" or getattr(cfg, name) in (None, False), name,
-             "shapes a GPT only: leave it out with --model lstm")
+             f"shapes a GPT only: leave it out with --model {cfg.model}")
     need(cfg.block_size >= 2, "block_size", "must be at least 2 (a sequence needs an input and a target)")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
-    for name in GPT_FIELDS[:-1]:  # tie_weights is both models'
-        need(cfg.model == "gpt" or getattr(cfg, name) is None, name, "shapes a GPT only: leave it out with --model lstm")
+    for name in GPT_FIELDS[:-1]:  # the LSTM ties its head too
+        need(cfg.model == "gpt" or getattr(cfg, name) is None, name,
+             f"shapes a GPT only: leave it out with --model {cfg.model}")
+    need(cfg.model != "hf" or cfg.tie_weights is None, "tie_weights",
+         "--model hf ties the head as its config's tie_word_embeddings says: set it there, or leave it out")
+    need(cfg.model == "hf" or cfg.hf_config is None, "hf_config",
+         "only --model hf builds a transformers config: add --model hf, or leave it out")
+    need(cfg.model != "hf" or bool(cfg.hf_config or cfg.init_from), "hf_config",
+         "--model hf needs a transformers config: --hf_config CONFIG.json (or a model folder), or --init_from a "
+         "transformers model folder")
     need(cfg.rope_theta > 0, "rope_theta", "must be positive")
     head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
     need(cfg.model != "gpt" or cfg.architecture["position"] != "rope" or head_dim % 2 == 0,

@@ -32,6 +32,7 @@ MODEL_FIELDS = {
     "lstm": ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights", "vocab_multiple"),
     "gpt": ("n_layer", "n_head", "n_embd", "dropout", "block_size", "vocab_multiple", "gpt_style", *GPT_FIELDS,
             "rope_theta", *GPT_SHAPES),
+    "hf": ("block_size", "vocab_multiple"),  # and hf_config: the export's own config.json
 }
 LMDIST_FILE = "lmdist.json"
 
@@ -97,6 +98,8 @@ def model_values(folder: str) -> tuple[dict, str]:
     else:
         values, tokenizer_dir = _old_export_config(folder), os.path.join(folder, "tokenizer")
     values.pop("vocab_size")  # the tokenizer's size, not the bpe training field of the same name
+    if values["model"] == "hf":
+        values["hf_config"] = folder
     return upgrade_saved(values), tokenizer_dir
 
 
@@ -127,14 +130,20 @@ def is_transformers_folder(folder: str) -> bool:
 def adopt_pretrained(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """With `init_from` a transformers folder: the config with the model fields of its config.json and its
     tokenizer, and a line saying what they are; else `cfg` unchanged and None."""
+    if cfg.model == "hf" and cfg.hf_config is None:  # an hf run's export holds its config.json too
+        cfg = make_config({**cfg.to_dict(), "hf_config": cfg.init_from})
     if not cfg.init_from or not is_transformers_folder(cfg.init_from):
         return cfg, None
     with open(os.path.join(cfg.init_from, "config.json")) as f:
         hf = json.load(f)
-    try:
-        fields = transformers_format.fields_from_config(hf, cfg.block_size)
-    except transformers_format.NotExportable as why:
-        raise ConfigError(f"--init_from {cfg.init_from}: lmdist's GPT cannot hold this model exactly ({why})") from None
+    if cfg.model == "hf":  # the transformers model itself, whatever its family
+        fields = {}
+    else:
+        try:
+            fields = transformers_format.fields_from_config(hf, cfg.block_size)
+        except transformers_format.NotExportable as why:
+            raise ConfigError(f"--init_from {cfg.init_from}: lmdist's GPT cannot hold this model exactly ({why}); "
+                              "--model hf trains it as the transformers model itself") from None
     if not os.path.exists(os.path.join(cfg.init_from, "tokenizer.json")):
         raise ConfigError(f"--init_from {cfg.init_from} has no tokenizer.json: its ids would mean nothing to "
                           "another tokenizer; save the model's tokenizer there (tokenizer.save_pretrained)")
@@ -146,8 +155,10 @@ def adopt_pretrained(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     fields["vocab_multiple"] = rows if rows > tokens else 1
     adopted = make_config({**cfg.to_dict(), **fields, "tokenizer": cfg.init_from})
     changed = ", ".join(f"{name} {value}" for name, value in fields.items() if getattr(cfg, name) != value)
+    trained_as = ("itself (--model hf)" if cfg.model == "hf"
+                  else f"lmdist's gpt with {changed or 'the configured fields'}")
     return adopted, (f"init_from: {cfg.init_from} is a transformers {hf.get('architectures', [hf['model_type']])[0]}: "
-                     f"trained as lmdist's gpt with {changed or 'the configured fields'}, and its tokenizer")
+                     f"trained as {trained_as}, and its tokenizer")
 
 
 def _safetensors(folder: str) -> dict[str, torch.Tensor]:

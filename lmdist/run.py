@@ -28,7 +28,7 @@ from lmdist import checkpoint, data, engine, export, optim, perf, rundir, stream
 from lmdist.config import TrainConfig
 from lmdist.metrics import TokenMeter
 from lmdist.metrics import evaluate as evaluate_on
-from lmdist.models import build_model, count_parameters
+from lmdist.models import build_model, check_buildable, count_parameters
 from lmdist.models import describe as describe_model
 from lmdist.models.memory import check_attention_memory
 from lmdist.profiling import StepProfiler
@@ -190,7 +190,8 @@ def setup(cfg: TrainConfig) -> Run | None:
     if adopted:
         accelerator.print(adopted)
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
-    check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,  # before any data work
+    check_buildable(cfg)  # before any data work
+    check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,
                            int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     optim.check_optimizer(cfg, sharded=engine.shards_model(accelerator))
     if cfg.resume == "auto" and finished(cfg):

@@ -2,7 +2,8 @@
 
 Accelerate routes FSDP only to accelerator devices. When an FSDP config (`ACCELERATE_USE_FSDP=true`)
 meets a machine without GPUs, lmdist shards the model itself: one FSDP unit per module class named in
-the config's `fsdp_transformer_layer_cls_to_wrap` (a GPT `Block`, an `nn.LSTM` layer), then the root.
+the config's `fsdp_transformer_layer_cls_to_wrap` (a GPT `Block`, an `nn.LSTM` layer) or in a transformers
+model's `_no_split_modules` (e.g. `LlamaDecoderLayer`), then the root.
 Everything else -- optimizer, scheduler, loaders, accumulation, metrics -- stays on the shared path;
 only the model skips `accelerator.prepare` (which would wrap it in DDP), and its state dicts are
 gathered with `torch.distributed.checkpoint.state_dict`.
@@ -41,10 +42,12 @@ def shard(model: nn.Module) -> nn.Module:
 
 def unit_names(model: nn.Module) -> list[str]:
     """The module classes named in the config's `fsdp_transformer_layer_cls_to_wrap` (default: a GPT Block and
-    an nn.LSTM) that `model` has: one config serves both models, while Accelerate refuses a name the model lacks."""
+    an nn.LSTM) that `model` has, and a transformers model's own layers (`--model hf`: its `_no_split_modules`):
+    one config serves every model, while Accelerate refuses a name the model lacks."""
     asked = [n.strip() for n in (os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or ",".join(DEFAULT_UNITS)).split(",")]
     present = {type(module).__name__ for module in model.modules()}
     kept = [name for name in asked if name in present]
+    kept += sorted(set(getattr(model, "layer_classes", ())) & present - set(kept))
     if not kept:
         raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap names {', '.join(asked)}, and this "
                           f"{type(model).__name__} has none of them: name its repeated layers (GPT: Block; LSTM: "

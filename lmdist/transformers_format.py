@@ -9,19 +9,24 @@ Which transformers model, by architecture (config.architecture):
 - RoPE, RMSNorm, SwiGLU (the `modern` style): `LlamaForCausalLM`, or with QK-norm `Qwen3ForCausalLM` (its
   q_norm/k_norm are per head, before the rotation, as lmdist's). lmdist's fused qkv matrix is split into
   q_proj, k_proj and v_proj by rows.
+- `--model hf` is a transformers model already: its names, under `hf.`, and its own config.
 - Anything else has no exact equivalent (`NotExportable` names the option); never an approximate model.
 A scale or bias lmdist's model leaves out (norm_scale or bias off) is written as ones or zeros, the same
 function; reading back, such a tensor must hold exactly that value. The vocabulary is the model's rows,
 padding included (`vocab_multiple`), so config.json and the tensors agree.
 
-Nothing here imports transformers: the files are JSON and safetensors, written on the default path.
+Nothing here imports transformers but `--model hf`'s config: the files are JSON and safetensors, written on
+the default path.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from lmdist.checkpoint import CheckpointError
+from lmdist.checkpoint import CheckpointError, without_tied_copies
 from lmdist.config import TrainConfig
+from lmdist.models.hf import HF_PREFIX
 
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, as lmdist builds it
 RMSNORM_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm(eps=None) in fp32, lmdist's
@@ -100,6 +105,11 @@ def fields_from_config(hf: dict, block_size: int) -> dict:
 
 def config(cfg: TrainConfig, vocab_rows: int, eos_id: int | None) -> dict:
     """config.json for `cfg`'s model with `vocab_rows` embedding rows."""
+    if cfg.model == "hf":
+        from lmdist.models import hf
+
+        own = os.path.realpath(cfg.tokenizer) == os.path.realpath(os.path.dirname(hf.config_file(cfg.hf_config)))
+        return hf.export_config(cfg.hf_config, vocab_rows, eos_id, own_tokenizer=own)
     arch, kind = cfg.architecture, family(cfg)
     common = {"architectures": [CLASSES[kind]], "model_type": kind, "vocab_size": vocab_rows,
               "tie_word_embeddings": arch["tie_weights"], "bos_token_id": eos_id, "eos_token_id": eos_id,
@@ -126,6 +136,8 @@ def config(cfg: TrainConfig, vocab_rows: int, eos_id: int | None) -> dict:
 
 def to_transformers(cfg: TrainConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """lmdist's weights (a model's state dict; a tied head's copy may be absent) in transformers' names."""
+    if cfg.model == "hf":
+        return {name.removeprefix(HF_PREFIX): t.contiguous() for name, t in without_tied_copies(state).items()}
     out = {}
     for lmdist_name, hf_name, how, width in _pairs(cfg, state):
         if lmdist_name is None:
@@ -144,6 +156,8 @@ def from_transformers(cfg: TrainConfig, tensors: dict[str, torch.Tensor], lmdist
     """transformers' weights in the names of lmdist's model for `cfg` (whose state dict has `lmdist_names`).
     `rows`: lmdist name -> the rows its model has where a pretrained model has more (learned positions past
     block_size): the first rows are kept, the others never used."""
+    if cfg.model == "hf":
+        return {HF_PREFIX + name: tensor for name, tensor in tensors.items()}
     state, qkv = {}, {}
     for lmdist_name, hf_name, how, width in _pairs(cfg, lmdist_names):
         if hf_name not in tensors:  # a bias the pretrained model lacks is zero (Llama: mlp_bias, no attention_bias)

@@ -25,6 +25,21 @@ TINY_GPT = ["--model", "gpt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32
             "--dropout", "0", "--tokenizer", "char", "--log_every", "1", "--seed", "7"]
 
 
+TINY_HF = {  # --model hf's transformers configs: 2 layers, 4 heads (2 of keys and values for Llama), width 32
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+              "tie_word_embeddings": False, "vocab_size": 1000},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128, "vocab_size": 1000},
+}
+
+
+def tiny_hf_config(folder: Path, kind: str = "llama", **changes) -> Path:
+    """A transformers config.json for --model hf (vocab_size is lmdist's to set), written into `folder`."""
+    path = folder / f"{kind}_config.json"
+    path.write_text(json.dumps({**TINY_HF[kind], **changes}))
+    return path
+
+
 def with_flags(args: list[str], *overrides: str) -> list[str]:
     """`args` (--flag value pairs) with `overrides` replacing or adding flags."""
     flags = dict(zip(args[::2], args[1::2], strict=True))

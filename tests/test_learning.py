@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from lmdist import perf
-from tests.conftest import read_metrics, read_run, run_ok
+from tests.conftest import read_metrics, read_run, run_ok, tiny_hf_config
 
 pytestmark = pytest.mark.launch
 
@@ -31,14 +31,16 @@ GPT2 = [*GPT, "--gpt_style", "gpt2"]  # learned positions, LayerNorm, GELU, bias
 GPT_OTHERS = [*GPT, "--mlp", "relu2", "--norm", "layernorm", "--norm_scale", "false", "--position", "learned",
               "--qk_norm", "true", "--zero_init", "false", "--tie_weights", "true", "--bias", "true"]
 MUON = [*GPT, "--optimizer", "muon", "--lr_schedule", "wsd"]
+HF = ["--model", "hf", "--lr", "6e-3", "--batch_size", "16", "--max_steps", "800"]  # a Llama as wide as GPT
 
 
 @pytest.fixture(scope="session")
 def learning_runs(markov_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     data = ["--dataset", str(markov_files["train"]), "--val_dataset", str(markov_files["val"])]
+    llama = tiny_hf_config(root, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2)
     runs = {"lstm": (LSTM, {}), "gpt": (GPT, {}), "gpt2": (GPT2, {}), "gpt_others": (GPT_OTHERS, {}),
-            "muon": (MUON, {}),
+            "muon": (MUON, {}), "hf": ([*HF, "--hf_config", str(llama)], {}),
             "bf16": ({"gpt": GPT, "lstm": LSTM}[BF16_MODEL], {"ACCELERATE_MIXED_PRECISION": "bf16"})}
     for name, (model, env) in runs.items():
         run_ok([*COMMON, *model, *data, "--output_dir", str(root / name)], cwd=root, env=env)
@@ -49,7 +51,7 @@ def test_source_is_a_fair_test(markov):
     assert markov.unigram_entropy() - markov.entropy_rate() >= 1.0
 
 
-@pytest.mark.parametrize("name", ["lstm", "gpt", "gpt2", "gpt_others", "muon", "bf16"])
+@pytest.mark.parametrize("name", ["lstm", "gpt", "gpt2", "gpt_others", "muon", "hf", "bf16"])
 def test_reaches_the_entropy_rate(learning_runs, markov, name):
     rows = read_metrics(learning_runs[name])
     final = rows[-1]

@@ -1,6 +1,7 @@
 """The models lmdist trains; pure torch, usable without any process group."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lmdist.config import GPT_FIELDS, TrainConfig
@@ -17,14 +18,29 @@ def vocab_rows(cfg: TrainConfig, vocab_size: int) -> int:
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The configured model for a tokenizer of `vocab_size` ids (vocab_rows of them)."""
     vocab_size = vocab_rows(cfg, vocab_size)
+    if cfg.model == "hf":  # imports transformers
+        from lmdist.models import hf
+
+        return hf.HFCausalLM(hf.load_config(cfg.hf_config, vocab_size), cfg.block_size, cfg.hf_config)
     if cfg.model == "gpt":
         return GPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, **cfg.architecture)
     return LSTMLanguageModel(vocab_size, cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout,
                              **cfg.architecture)
 
 
+def check_buildable(cfg: TrainConfig) -> None:
+    """Refuse a model config that cannot be built, before any data work (--model hf: its transformers config)."""
+    if cfg.model == "hf":
+        with torch.device("meta"):  # transformers checks the config as it builds; no memory for the weights
+            build_model(cfg, cfg.vocab_multiple)
+
+
 def describe(cfg: TrainConfig) -> str:
     """The model line of the plan: the architecture as resolved from gpt_style and the fields that override it."""
+    if cfg.model == "hf":
+        from lmdist.models import hf
+
+        return hf.describe(hf.load_config(cfg.hf_config), cfg.hf_config)
     arch = cfg.architecture
     head = "tied head" if arch["tie_weights"] else "untied head"
     if cfg.model != "gpt":
@@ -43,4 +59,4 @@ def describe(cfg: TrainConfig) -> str:
             f"{cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, {', '.join(parts)}")
 
 
-__all__ = ["GPT", "LSTMLanguageModel", "build_model", "count_parameters", "describe", "vocab_rows"]
+__all__ = ["GPT", "LSTMLanguageModel", "build_model", "check_buildable", "count_parameters", "describe", "vocab_rows"]
