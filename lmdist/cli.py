@@ -2,6 +2,7 @@
 
     lmdist train [--config FILE.yaml] [--FIELD VALUE ...]   the loop in train.py, from any folder
     lmdist eval --checkpoint DIR [--dataset D --split S --batch_size B --output FILE]
+    lmdist eval --checkpoint DIR --harness TASKS [--harness_include DIR]   lm-eval-harness tasks (lmdist[eval])
     lmdist generate --checkpoint DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --seed S]
     lmdist export --checkpoint DIR --out DIR   a transformers model folder of a checkpoint, as final/ is
     lmdist env       what a launch here would see: devices, launcher variables, threads, W&B mode
@@ -28,27 +29,41 @@ from lmdist.flags import Flags, need, option
 
 @dataclass
 class Eval:
-    """val/loss, val/ppl and val/acc of a checkpoint or final/ folder.
+    """val/loss, val/ppl and val/acc of a checkpoint or final/ folder, or its lm-eval-harness results.
 
-    On its run's validation data, or on `split` of `dataset`. Rank zero writes them to `output`."""
+    On its run's validation data, on `split` of `dataset`, or on lm-eval tasks (`harness`, lmdist[eval]). Rank zero
+    writes them to `output`."""
 
     checkpoint: str = option(help="a training checkpoint (output_dir/checkpoints/step_N) or a final/ folder")
     dataset: str | None = option(None, "evaluate on this dataset (same forms as train.py's) instead of the run's "
                                        "validation data")
     split: str | None = option(None, "the split of `dataset` (default: validation, valid, test or train, the first "
                                      "there is)")
-    batch_size: int | None = option(None, "sequences per process per batch (default: the run's batch_size)")
+    batch_size: int | None = option(None, "sequences per process per batch (default: the run's batch_size; 1 with "
+                                          "--harness)")
     output: str = option("eval.json", "file rank zero writes the metrics to, as JSON")
+    harness: str | None = option(None, "lm-eval-harness tasks instead (comma-separated names or task YAML files), "
+                                       "run by lm-eval's hf model on the transformers folder (pip install "
+                                       "\"lmdist[eval]\")")
+    harness_include: str | None = option(None, "a folder of lm-eval task YAML files of your own, for `harness`")
 
     def check(self) -> None:
         need(self.batch_size is None or self.batch_size >= 1, self, "batch_size", "must be at least 1 (or none)")
+        need(self.harness is None or any(self.harness.split(",")), self, "harness", "names no task")
+        need(self.harness is None or (self.dataset is None and self.split is None), self, "harness",
+             "evaluates on its tasks' own data: drop --dataset and --split")
+        need(self.harness_include is None or self.harness is not None, self, "harness_include",
+             "adds tasks for --harness: give --harness TASKS too")
 
     def run(self) -> None:
         from lmdist.files import write_json
-        from lmdist.inference import evaluate_saved
+        from lmdist.inference import evaluate_harness, evaluate_saved
 
-        result = evaluate_saved(self.checkpoint, self.dataset, self.split, self.batch_size)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if self.harness is not None:
+            result = evaluate_harness(self.checkpoint, self.harness, self.harness_include, self.batch_size)
+        else:
+            result = evaluate_saved(self.checkpoint, self.dataset, self.split, self.batch_size)
+        if result is not None and int(os.environ.get("RANK", "0")) == 0:
             write_json(self.output, result)
             print(json.dumps(result))
 

@@ -1,11 +1,13 @@
-"""Using saved weights: evaluate them on a dataset, or generate text from a prompt.
+"""Using saved weights: evaluate them on a dataset or on lm-eval-harness tasks, or generate text from a prompt.
 
-Both take a training checkpoint (`<output_dir>/checkpoints/step_N/`, verified against its manifest
+Each takes a training checkpoint (`<output_dir>/checkpoints/step_N/`, verified against its manifest
 first) or a `final/` export.
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -104,3 +106,42 @@ def export_saved(folder: str, out: str) -> str:
         raise ConfigError(f"--out {out} holds files and is not an lmdist export: choose a new or empty folder")
     saved = open_saved(folder)
     return export.write_export(out, load_model(saved).state_dict(), saved.cfg, saved.tokenizer)
+
+
+def evaluate_harness(folder: str, tasks: str, include: str | None, batch_size: int | None) -> dict | None:
+    """lm-eval-harness's results on `tasks` (comma-separated task names or YAML files; `include`: a folder of task
+    YAMLs of your own) of an export, or of a checkpoint exported to a temporary folder first; None on ranks but 0."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError('--harness needs lm-eval-harness: pip install "lmdist[eval]"') from None
+    if include and not os.path.isdir(include):
+        raise ConfigError(f"--harness_include {include}: no such folder (a folder of lm-eval task YAML files)")
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = folder
+        if not _transformers_export(folder):  # a checkpoint, or an export from before transformers folders
+            model_dir = os.path.join(scratch, "model")
+            line = export_saved(folder, model_dir)
+            if not _transformers_export(model_dir):
+                raise ConfigError(f"--checkpoint {folder}: {line}; lm-eval's hf model needs a transformers folder")
+        names, manager = [name for name in tasks.split(",") if name], TaskManager(include_path=include)  # ~15 s
+        unknown = [name for name in names if not manager.match_tasks([name]) and not os.path.isfile(name)]
+        if unknown:
+            raise ConfigError(f"--harness {tasks!r}: no lm-eval task {', '.join(unknown)} (`lm_eval ls tasks` lists "
+                              "them; --harness_include DIR adds your own task YAMLs)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's hf model would take cuda regardless
+        results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": model_dir}, tasks=names, device=device,
+                                          batch_size=batch_size or 1, task_manager=manager, log_samples=False)
+    if results is None:
+        return None
+    return {"checkpoint": folder, "harness": names, "results": results["results"], "n-shot": results["n-shot"],
+            "versions": results["versions"], "lm_eval": lm_eval.__version__}
+
+
+def _transformers_export(folder: str) -> bool:
+    path = os.path.join(folder, export.LMDIST_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f)["weights"] == "transformers"
