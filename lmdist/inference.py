@@ -131,8 +131,11 @@ def evaluate_harness(folder: str, tasks: str, include: str | None, batch_size: i
             raise ConfigError(f"--harness {tasks!r}: no lm-eval task {', '.join(unknown)} (`lm_eval ls tasks` lists "
                               "them; --harness_include DIR adds your own task YAMLs)")
         device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's hf model would take cuda regardless
-        results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": model_dir}, tasks=names, device=device,
-                                          batch_size=batch_size or 1, task_manager=manager, log_samples=False)
+        # logits_cache off: lm-eval 0.4.13 scores a continuation at the wrong positions when another request
+        # joins into the same text split elsewhere (docs/transformers.md)
+        results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": model_dir, "logits_cache": False},
+                                          tasks=names, device=device, batch_size=batch_size or 1,
+                                          task_manager=manager, log_samples=False)
     if results is None:
         return None
     return {"checkpoint": folder, "harness": names, "results": results["results"], "n-shot": results["n-shot"],
