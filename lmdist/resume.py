@@ -70,6 +70,7 @@ class Resume:
     data_fingerprint: str
     world_size: int  # processes that saved it
     forked_from: dict | None = None  # the run a fork began from (its checkpoint, run id and step)
+    model_config: dict | None = None  # --model hf: the transformers config it trained (models.recorded_config)
     resumed_by: int | None = None  # processes that resume it (set by adapt_to_world_size)
 
     @property
@@ -79,12 +80,12 @@ class Resume:
 
 
 def checkpoint_record(cfg: TrainConfig, progress: Progress, *, run_id: str, forked_from: dict | None,
-                      data_fingerprint: str, val_loss: float | None) -> dict:
+                      data_fingerprint: str, val_loss: float | None, model_config: dict | None = None) -> dict:
     """What a checkpoint records for its resume (trainer_state.json): the counters and data position, the run
     (its id and, for a fork, its origin), the config, the data fingerprint, and `val_loss`, the evaluation at
-    this step if any, which `keep_best` compares."""
+    this step if any, which `keep_best` compares; `model_config`, --model hf's transformers config."""
     return {"progress": asdict(progress), "run_id": run_id, "forked_from": forked_from, "config": cfg.to_dict(),
-            "data_fingerprint": data_fingerprint, "val_loss": val_loss}
+            "data_fingerprint": data_fingerprint, "val_loss": val_loss, "model_config": model_config}
 
 
 def find_resume(cfg: TrainConfig, say) -> Resume | None:
@@ -122,7 +123,7 @@ def find_resume(cfg: TrainConfig, say) -> Resume | None:
 def _resume_from(path: str) -> Resume:
     state = read_state(path)
     return Resume(path, Progress.from_record(state["progress"]), state["run_id"], upgrade_saved(state["config"]),
-                  state["data_fingerprint"], state["world_size"], state.get("forked_from"))
+                  state["data_fingerprint"], state["world_size"], state.get("forked_from"), state.get("model_config"))
 
 
 def is_own_checkpoint(checkpoint_path: str, output_dir: str) -> bool:
@@ -204,6 +205,17 @@ def check_within(resume: Resume, total_steps: int) -> None:
         raise CheckpointError(f"the checkpoint {resume.path} is at step {resume.progress.step}, past this run's "
                               f"{total_steps} total steps (an older lmdist trained past the end): resume an "
                               "earlier checkpoint with --resume <its folder>, or start a new output_dir")
+
+
+def check_same_model(resume: Resume, cfg: TrainConfig, model_config: dict | None) -> None:
+    """Refuse to continue a --model hf checkpoint whose transformers config file has changed since."""
+    if resume.model_config is None or model_config == resume.model_config:
+        return
+    keys = sorted(set(model_config or {}) | set(resume.model_config))
+    changed = [f"{k} (checkpoint {resume.model_config.get(k)!r}, now {(model_config or {}).get(k)!r})"
+               for k in keys if resume.model_config.get(k) != (model_config or {}).get(k)]
+    raise ConfigError(f"hf_config {cfg.hf_config} differs from the transformers config the checkpoint {resume.path} "
+                      f"trained, in {'; '.join(changed)}: restore those values, or start a new output_dir")
 
 
 def check_same_data(resume: Resume, data_fingerprint: str) -> None:

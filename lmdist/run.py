@@ -28,7 +28,7 @@ from lmdist import checkpoint, data, engine, export, optim, perf, rundir, stream
 from lmdist.config import TrainConfig
 from lmdist.metrics import TokenMeter
 from lmdist.metrics import evaluate as evaluate_on
-from lmdist.models import build_model, check_buildable, count_parameters
+from lmdist.models import build_model, check_buildable, count_parameters, recorded_config
 from lmdist.models import describe as describe_model
 from lmdist.models.memory import check_attention_memory
 from lmdist.profiling import StepProfiler
@@ -38,6 +38,7 @@ from lmdist.resume import (
     adapt_to_world_size,
     check_compatible,
     check_same_data,
+    check_same_model,
     check_within,
     checkpoint_record,
     find_resume,
@@ -53,12 +54,13 @@ class Run:
     def __init__(self, cfg: TrainConfig, accelerator, plan: Plan, progress: Progress, corpus,
                  model, optimizer, scheduler, loss_fn, train_set, train_loader, val_loader,
                  train_meter: TokenMeter, throughput: perf.Throughput, facts: dict, run_id: str,
-                 forked_from: dict | None, resume: Resume | None, n_params: int):
+                 forked_from: dict | None, resume: Resume | None, n_params: int, model_config: dict | None):
         self.cfg, self.accelerator, self.plan, self.progress, self.corpus = cfg, accelerator, plan, progress, corpus
         self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
         self.train_set, self.train_loader, self.val_loader = train_set, train_loader, val_loader
         self.train_meter, self.throughput, self.facts = train_meter, throughput, facts
         self.run_id, self.forked_from, self.resume, self.n_params = run_id, forked_from, resume, n_params
+        self.model_config = model_config  # what checkpoints record of the model beyond cfg (--model hf's config)
         self.guard = StopGuard(use_scaler=accelerator.scaler is not None)
         self.log: tracking.RunLog | None = None  # from `with run:` on
         self._closing = contextlib.ExitStack()
@@ -151,7 +153,8 @@ class Run:
             rank_state["stream"] = self.train_set.state()
         record = checkpoint_record(self.cfg, self.progress.normalized(self.plan.steps_per_epoch * self.cfg.grad_accum),
                                    run_id=self.run_id, forked_from=self.forked_from,
-                                   data_fingerprint=self.corpus.fingerprint, val_loss=val_loss)
+                                   data_fingerprint=self.corpus.fingerprint, val_loss=val_loss,
+                                   model_config=self.model_config)
         with self.throughput.paused():
             path, seconds = checkpoint.save(self.accelerator, self.cfg.output_dir, self.progress.step, model=self.model,
                                             optimizer=self.optimizer, scheduler=self.scheduler, rank_state=rank_state,
@@ -191,6 +194,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         accelerator.print(adopted)
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     check_buildable(cfg)  # before any data work
+    model_config = recorded_config(cfg)
     check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,
                            int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     optim.check_optimizer(cfg, sharded=engine.shards_model(accelerator))
@@ -202,6 +206,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         resume, cfg = adapt_to_world_size(resume, cfg, accelerator.num_processes, say=accelerator.print)
         accelerator.gradient_accumulation_steps = cfg.grad_accum
         check_compatible(resume, cfg)
+        check_same_model(resume, cfg, model_config)
     peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
@@ -253,4 +258,5 @@ def setup(cfg: TrainConfig) -> Run | None:
     facts = {**tracking.run_facts(accelerator, plan, corpus, model, n_params), **throughput.facts(),
              "forked_from": forked_from}
     return Run(cfg, accelerator, plan, progress, corpus, model, optimizer, scheduler, loss_fn, train_set,
-               train_loader, val_loader, train_meter, throughput, facts, run_id, forked_from, resume, n_params)
+               train_loader, val_loader, train_meter, throughput, facts, run_id, forked_from, resume, n_params,
+               model_config)

@@ -126,7 +126,9 @@ def test_an_hf_runs_export_is_the_transformers_model_and_lmdist_reads_it_back(hf
 
 
 def test_a_stopped_hf_run_relaunched_is_bitwise_the_unstopped_run(markov_files, tmp_path):
-    args = with_flags(hf_args(markov_files, tiny_hf_config(tmp_path)), "--dataset", str(markov_files["train"]),
+    """And a relaunch after its config.json was edited (a value that changes no shape) is refused by name."""
+    config = tiny_hf_config(tmp_path)
+    args = with_flags(hf_args(markov_files, config), "--dataset", str(markov_files["train"]),
                       "--batch_size", "4", "--max_steps", "300", "--eval_every", "100", "--save_every", "1000",
                       "--threads", "1")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
@@ -137,6 +139,14 @@ def test_a_stopped_hf_run_relaunched_is_bitwise_the_unstopped_run(markov_files, 
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=120)
     assert not (stopped / "final").exists(), "the stop came after the run's end: make it longer"
+    written = config.read_text()
+    config.write_text(json.dumps({**json.loads(written), "rms_norm_eps": 1e-5}))
+    refused = subprocess.run(launch_command([*args, "--output_dir", str(stopped)]), cwd=tmp_path, env=launch_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"hf_config {config} differs from the transformers config the checkpoint" in refused.stderr
+    assert "rms_norm_eps (checkpoint 1e-06, now 1e-05)" in refused.stderr
+    config.write_text(written)
     run_ok([*args, "--output_dir", str(stopped)], cwd=tmp_path)
     assert [r["resumed_from"] for r in read_metrics(stopped) if "resumed_from" in r]
     ours, theirs = final_weights(stopped), final_weights(whole)

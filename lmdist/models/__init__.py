@@ -35,6 +35,16 @@ def check_buildable(cfg: TrainConfig) -> None:
             build_model(cfg, cfg.vocab_multiple)
 
 
+def recorded_config(cfg: TrainConfig) -> dict | None:
+    """What a checkpoint records of the model beyond the config's fields: --model hf's transformers config,
+    whose file may be edited between launches; None for lmdist's own models."""
+    if cfg.model != "hf":
+        return None
+    from lmdist.models import hf
+
+    return hf.recorded_config(cfg.hf_config)
+
+
 def describe(cfg: TrainConfig) -> str:
     """The model line of the plan: the architecture as resolved from gpt_style and the fields that override it."""
     if cfg.model == "hf":
@@ -59,4 +69,5 @@ def describe(cfg: TrainConfig) -> str:
             f"{cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, {', '.join(parts)}")
 
 
-__all__ = ["GPT", "LSTMLanguageModel", "build_model", "check_buildable", "count_parameters", "describe", "vocab_rows"]
+__all__ = ["GPT", "LSTMLanguageModel", "build_model", "check_buildable", "count_parameters", "describe",
+           "recorded_config", "vocab_rows"]

@@ -10,6 +10,7 @@ transformers is imported only here, and only for `--model hf`.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -70,6 +71,16 @@ def export_config(path: str, vocab_rows: int, eos_id: int | None, own_tokenizer:
     if not own_tokenizer:
         config.bos_token_id, config.pad_token_id = eos_id, None
     return config.to_diff_dict()
+
+
+def recorded_config(path: str) -> dict:
+    """The config at `path` as a checkpoint records it, to refuse a relaunch on an edited file: every value
+    but those lmdist sets (vocab_size, token ids) and transformers' bookkeeping."""
+    values = json.loads(load_config(path).to_json_string(use_diff=False))
+    for name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version", "_name_or_path",
+                 "architectures"):
+        values.pop(name, None)
+    return values
 
 
 def class_name(config) -> str:
