@@ -275,6 +275,10 @@ def validate(cfg: TrainConfig) -> None:
     for name in GPT_FIELDS[:-1]:  # the LSTM ties its head too
         need(cfg.model == "gpt" or getattr(cfg, name) is None, name,
              f"shapes a GPT only: leave it out with --model {cfg.model}")
+    for name in ("n_layer", "n_head", "n_embd", "embedding_dim", "hidden_dim", "num_layers", "dropout"):
+        need(cfg.model != "hf" or getattr(cfg, name) == _DEFAULTS[name], name,
+             "--model hf builds its transformers config as it is (num_hidden_layers, hidden_size, attention_dropout "
+             "...): set it there, or leave the flag out")
     need(cfg.model != "hf" or cfg.tie_weights is None, "tie_weights",
          "--model hf ties the head as its config's tie_word_embeddings says: set it there, or leave it out")
     need(cfg.model == "hf" or cfg.hf_config is None, "hf_config",
@@ -346,3 +350,4 @@ def markdown_table() -> str:
 
 TRAIN_FLAGS = flags.Flags(TrainConfig, validate, extra=("config",), renamed=RENAMED)
 FIELDS = TRAIN_FLAGS.fields
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}

@@ -19,6 +19,7 @@ from lmdist.config import TrainConfig, make_config, upgrade_saved
 from lmdist.errors import ConfigError, DataError
 from lmdist.metrics import evaluate
 from lmdist.models import build_model
+from lmdist.models import hf as hf_model
 from lmdist.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -37,6 +38,8 @@ def open_saved(folder: str) -> Saved:
     if os.path.exists(os.path.join(folder, checkpoint.STATE)):  # a training checkpoint
         values = checkpoint.read_state(folder)["config"]
         tokenizer_dir = os.path.join(folder, "..", "..", "tokenizer")
+        if values.get("model") == "hf" and hf_model.kept_config(folder):  # not the path the run was launched with
+            values["hf_config"] = hf_model.kept_config(folder)
     elif export.is_export(folder):
         values, tokenizer_dir = export.model_values(folder)
         run_config = os.path.join(folder, "..", "config.yaml")

@@ -227,14 +227,15 @@ def check_same_data(resume: Resume, data_fingerprint: str) -> None:
 
 
 def refuse_changes(saved: dict, cfg: TrainConfig, where: str, label: str, fix: str = "") -> None:
-    """ConfigError naming every training setting of `cfg` that differs from `saved` (run-control fields may).
+    """ConfigError naming every training setting of `cfg` that differs from `saved` (run-control fields may; so
+    may hf_config's path, whose contents check_same_model compares).
 
     `fix` replaces the default advice (relaunch with the saved values, or start a new output_dir).
     """
     now = cfg.resolved()
     saved = TrainConfig(**{k: v for k, v in saved.items() if k in now}).resolved()  # fields added since: defaults
     changed = [f"{k} ({label} {saved[k]!r}, now {now[k]!r})" for k in now
-               if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from"} and saved[k] != now[k]]
+               if k not in RUN_CONTROL_FIELDS | {"output_dir", "init_from", "hf_config"} and saved[k] != now[k]]
     if changed:
         if not fix and saved["gpt_style"] != now["gpt_style"] and saved["gpt_style"] == "gpt2":
             fix = ("relaunch with --gpt_style gpt2 (a run from before lmdist's GPT styles is gpt2's; the default "

@@ -30,6 +30,7 @@ from lmdist.metrics import TokenMeter
 from lmdist.metrics import evaluate as evaluate_on
 from lmdist.models import build_model, check_buildable, count_parameters, recorded_config
 from lmdist.models import describe as describe_model
+from lmdist.models import hf as hf_model
 from lmdist.models.memory import check_attention_memory
 from lmdist.profiling import StepProfiler
 from lmdist.resume import (
@@ -207,6 +208,8 @@ def setup(cfg: TrainConfig) -> Run | None:
         accelerator.gradient_accumulation_steps = cfg.grad_accum
         check_compatible(resume, cfg)
         check_same_model(resume, cfg, model_config)
+    if cfg.model == "hf" and accelerator.is_main_process:  # what its checkpoints are evaluated and exported with
+        hf_model.keep_config(cfg.hf_config, cfg.output_dir)
     peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 

@@ -33,6 +33,12 @@ TINY_HF = {  # --model hf's transformers configs: 2 layers, 4 heads (2 of keys a
 }
 
 
+def without_flags(args: list[str], *names: str) -> list[str]:
+    """`args` (--flag value pairs) without the flags `names`."""
+    return [item for flag, value in zip(args[::2], args[1::2], strict=True) if flag not in names
+            for item in (flag, value)]
+
+
 def tiny_hf_config(folder: Path, kind: str = "llama", **changes) -> Path:
     """A transformers config.json for --model hf (vocab_size is lmdist's to set), written into `folder`."""
     path = folder / f"{kind}_config.json"

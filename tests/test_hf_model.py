@@ -30,6 +30,7 @@ from tests.conftest import (
     tiny_hf_config,
     wait_for_step,
     with_flags,
+    without_flags,
 )
 from tests.test_distributed import assert_same_training
 from tests.test_perf import counted_flops_per_token
@@ -38,8 +39,13 @@ from tests.test_transformers import TRANSFORMERS_SIDE, in_transformers
 pytestmark = pytest.mark.launch
 
 
+def base_args(markov_files) -> list[str]:
+    """The equivalence runs' training without lmdist's model flags, which --model hf refuses."""
+    return without_flags(equivalence_args(markov_files), "--model", "--n_layer", "--n_head", "--n_embd", "--dropout")
+
+
 def hf_args(markov_files, config) -> list[str]:
-    return with_flags(equivalence_args(markov_files), "--model", "hf", "--hf_config", str(config))
+    return [*base_args(markov_files), "--model", "hf", "--hf_config", str(config)]
 
 
 def fsdp_command(args: list[str]) -> list[str]:
@@ -146,8 +152,15 @@ def test_a_stopped_hf_run_relaunched_is_bitwise_the_unstopped_run(markov_files, 
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"hf_config {config} differs from the transformers config the checkpoint" in refused.stderr
     assert "rms_norm_eps (checkpoint 1e-06, now 1e-05)" in refused.stderr
+    kept = tmp_path / "kept"  # its checkpoints keep the config they trained, edited file or not
+    step = next((stopped / "checkpoints").iterdir())
+    exported = subprocess.run([sys.executable, "-m", "lmdist", "export", "--checkpoint", str(step), "--out", str(kept)],
+                              capture_output=True, text=True, timeout=120, env=launch_env())
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert json.loads((kept / "config.json").read_text())["rms_norm_eps"] == 1e-6
     config.write_text(written)
-    run_ok([*args, "--output_dir", str(stopped)], cwd=tmp_path)
+    relative = with_flags(args, "--hf_config", config.name)  # the same file, spelt otherwise: its contents count
+    run_ok([*relative, "--output_dir", str(stopped)], cwd=tmp_path)
     assert [r["resumed_from"] for r in read_metrics(stopped) if "resumed_from" in r]
     ours, theirs = final_weights(stopped), final_weights(whole)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -253,6 +266,8 @@ print(json.dumps({"loss": total / count}))
     (["--model", "hf", "--hf_config", "CONFIG", "--block_size", "256"], "longer than hf_config"),
     (["--model", "hf", "--hf_config", "VIT"], "model_type 'vit' has no causal language model"),
     (["--model", "hf", "--hf_config", "BERT"], "transformers cannot build this model (The hidden size (32) is not"),
+    (["--model", "hf", "--hf_config", "ENCODER"], "BertLMHeadModel lets each position see later tokens"),
+    (["--model", "hf", "--hf_config", "CONFIG", "--n_layer", "8"], "--model hf builds its transformers config as it"),
     (["--model", "hf", "--hf_config", "MISSING"], "no such config.json"),
 ])
 def test_bad_hf_configs_are_refused_by_name(markov_files, tmp_path, flags, message):
@@ -260,8 +275,10 @@ def test_bad_hf_configs_are_refused_by_name(markov_files, tmp_path, flags, messa
     for kind in ("vit", "bert"):  # not a causal LM; heads that do not divide the width
         paths[kind.upper()] = str(tmp_path / f"{kind}.json")
         (tmp_path / f"{kind}.json").write_text(json.dumps({"model_type": kind, "hidden_size": 32}))
-    paths["CONFIG"] = str(config)
-    args = with_flags(equivalence_args(markov_files), *[paths.get(f, f) for f in flags])
+    paths["CONFIG"], paths["ENCODER"] = str(config), str(tmp_path / "encoder.json")
+    (tmp_path / "encoder.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+                                                       "num_attention_heads": 4, "intermediate_size": 64}))
+    args = [*base_args(markov_files), *[paths.get(f, f) for f in flags]]
     done = subprocess.run(launch_command([*args, "--output_dir", str(tmp_path / "o")]), cwd=REPO, env=launch_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from lmdist import perf
-from tests.conftest import read_metrics, read_run, run_ok, tiny_hf_config
+from tests.conftest import read_metrics, read_run, run_ok, tiny_hf_config, without_flags
 
 pytestmark = pytest.mark.launch
 
@@ -43,7 +43,8 @@ def learning_runs(markov_files, tmp_path_factory):
             "muon": (MUON, {}), "hf": ([*HF, "--hf_config", str(llama)], {}),
             "bf16": ({"gpt": GPT, "lstm": LSTM}[BF16_MODEL], {"ACCELERATE_MIXED_PRECISION": "bf16"})}
     for name, (model, env) in runs.items():
-        run_ok([*COMMON, *model, *data, "--output_dir", str(root / name)], cwd=root, env=env)
+        common = without_flags(COMMON, "--dropout") if name == "hf" else COMMON  # its config's dropout
+        run_ok([*common, *model, *data, "--output_dir", str(root / name)], cwd=root, env=env)
     return {name: root / name for name in runs}
 
 

@@ -21,6 +21,10 @@ from lmdist.models.parameters import count_parameters
 
 INSTALL = 'pip install "lmdist[hf]"'
 HF_PREFIX = "hf."  # the transformers model's parameter names under HFCausalLM
+KEPT_CONFIG = "hf_config.json"  # in output_dir: the config the run trained
+# config keys that change no training: what generation or outputs do, and transformers' bookkeeping
+RUNTIME_KEYS = ("use_cache", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "dtype",
+                "torch_dtype", "transformers_version", "_name_or_path", "architectures")
 
 
 def load_config(path: str, vocab_size: int | None = None):
@@ -57,6 +61,21 @@ def check_block_size(config, block_size: int, source: str) -> None:
                           f"({longest}): lower block_size, or raise max_position_embeddings in the config")
 
 
+def keep_config(path: str, output_dir: str) -> None:
+    """Copy hf_config into output_dir (KEPT_CONFIG), where a checkpoint's eval, generate and export read it: the
+    path the run was given may be relative to its launch folder, moved or edited later."""
+    from lmdist.files import write_json
+
+    with open(config_file(path)) as f:
+        write_json(os.path.join(output_dir, KEPT_CONFIG), json.load(f))
+
+
+def kept_config(checkpoint_dir: str) -> str | None:
+    """The copy of hf_config its run kept, for a checkpoint (output_dir/checkpoints/step_N); None if none."""
+    path = os.path.join(checkpoint_dir, os.pardir, os.pardir, KEPT_CONFIG)
+    return path if os.path.isfile(path) else None
+
+
 def config_file(path: str) -> str:
     """hf_config's config.json: the file itself, or the one in the folder."""
     return path if os.path.isfile(path) else os.path.join(path, "config.json")
@@ -77,8 +96,7 @@ def recorded_config(path: str) -> dict:
     """The config at `path` as a checkpoint records it, to refuse a relaunch on an edited file: every value
     but those lmdist sets (vocab_size, token ids) and transformers' bookkeeping."""
     values = json.loads(load_config(path).to_json_string(use_diff=False))
-    for name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version", "_name_or_path",
-                 "architectures"):
+    for name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", *RUNTIME_KEYS):
         values.pop(name, None)
     return values
 
@@ -97,12 +115,29 @@ class HFCausalLM(nn.Module):
 
         super().__init__()
         check_block_size(config, block_size, source)
-        try:  # sdpa: torch's fused attention, as lmdist's GPT uses; eager would materialise every attention matrix
-            self.hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        try:  # transformers picks torch's fused sdpa attention where the model supports it (Gemma 2: eager)
+            self.hf = AutoModelForCausalLM.from_config(config)
         except (ValueError, TypeError, KeyError) as e:  # transformers' own check of the config's values
             raise ConfigError(f"hf_config {source}: transformers cannot build this model ({e})") from None
         self.block_size = block_size
         self.config = self.hf.config
+        if self.hf.device.type != "meta":
+            self._check_causal(source)
+
+    @torch.no_grad()
+    def _check_causal(self, source: str) -> None:
+        """Refuse a model whose predictions see later tokens (an encoder that AutoModelForCausalLM also maps,
+        e.g. BERT without is_decoder): its loss would not be a language model's. One forward of 8 tokens."""
+        training, ids = self.training, torch.arange(8).unsqueeze(0) % self.config.vocab_size
+        changed = ids.clone()
+        changed[0, -1] = (ids[0, -1] + 1) % self.config.vocab_size
+        self.eval()
+        leaks = not torch.equal(self(ids)[:, :-1], self(changed)[:, :-1])
+        self.train(training)
+        if leaks:
+            raise ConfigError(f"hf_config {source}: this {type(self.hf).__name__} lets each position see later "
+                              "tokens, so it is not a causal language model: give a decoder config (for BERT-like "
+                              "models set is_decoder: true)")
 
     @property
     def layer_classes(self) -> set[str]:
