@@ -20,12 +20,10 @@ the default path.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lmdist.checkpoint import CheckpointError, without_tied_copies
-from lmdist.config import TrainConfig
+from lmdist.config import TOKENIZER_NAMES, TrainConfig
 from lmdist.models.hf import HF_PREFIX
 
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, as lmdist builds it
@@ -108,8 +106,8 @@ def config(cfg: TrainConfig, vocab_rows: int, eos_id: int | None) -> dict:
     if cfg.model == "hf":
         from lmdist.models import hf
 
-        own = os.path.realpath(cfg.tokenizer) == os.path.realpath(os.path.dirname(hf.config_file(cfg.hf_config)))
-        return hf.export_config(cfg.hf_config, vocab_rows, eos_id, own_tokenizer=own)
+        # a tokenizer folder is a pretrained tokenizer, whose ids the config was written for; lmdist's own are not
+        return hf.export_config(cfg.hf_config, vocab_rows, eos_id, own_tokenizer=cfg.tokenizer not in TOKENIZER_NAMES)
     arch, kind = cfg.architecture, family(cfg)
     common = {"architectures": [CLASSES[kind]], "model_type": kind, "vocab_size": vocab_rows,
               "tie_word_embeddings": arch["tie_weights"], "bos_token_id": eos_id, "eos_token_id": eos_id,

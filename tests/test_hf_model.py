@@ -48,6 +48,12 @@ def hf_args(markov_files, config) -> list[str]:
     return [*base_args(markov_files), "--model", "hf", "--hf_config", str(config)]
 
 
+def lmdist_export(checkpoint, out) -> None:
+    command = [sys.executable, "-m", "lmdist", "export", "--checkpoint", str(checkpoint), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=launch_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def fsdp_command(args: list[str]) -> list[str]:
     """accelerate_configs/fsdp.yaml on 2 CPU ranks, in fp32 (its bf16 is for GPUs)."""
     command = launch_command(args, 2, "accelerate-config", "fsdp.yaml")
@@ -124,9 +130,7 @@ def test_an_hf_runs_export_is_the_transformers_model_and_lmdist_reads_it_back(hf
     assert greedy[:30] == theirs["text"][:30]  # beyond block_size lmdist's context is a sliding window
     again = tmp_path / "again"  # lmdist export of a checkpoint writes the same model
     step = sorted((hf_runs["one_b8"] / "checkpoints").iterdir())[-1]
-    done = subprocess.run([sys.executable, "-m", "lmdist", "export", "--checkpoint", str(step), "--out", str(again)],
-                          capture_output=True, text=True, timeout=120, env=launch_env())
-    assert done.returncode == 0, done.stderr[-3000:]
+    lmdist_export(step, again)
     a, b = export.read_weights(str(again)), export.read_weights(str(final))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -154,9 +158,7 @@ def test_a_stopped_hf_run_relaunched_is_bitwise_the_unstopped_run(markov_files, 
     assert "rms_norm_eps (checkpoint 1e-06, now 1e-05)" in refused.stderr
     kept = tmp_path / "kept"  # its checkpoints keep the config they trained, edited file or not
     step = next((stopped / "checkpoints").iterdir())
-    exported = subprocess.run([sys.executable, "-m", "lmdist", "export", "--checkpoint", str(step), "--out", str(kept)],
-                              capture_output=True, text=True, timeout=120, env=launch_env())
-    assert exported.returncode == 0, exported.stderr[-3000:]
+    lmdist_export(step, kept)
     assert json.loads((kept / "config.json").read_text())["rms_norm_eps"] == 1e-6
     config.write_text(written)
     relative = with_flags(args, "--hf_config", config.name)  # the same file, spelt otherwise: its contents count
@@ -226,7 +228,12 @@ def test_pretrained_weights_of_a_family_lmdists_gpt_lacks_fine_tune_as_the_hf_mo
     assert "is a transformers MistralForCausalLM: trained as itself (--model hf), and its tokenizer" in done.stdout
     first = read_metrics(out)[0]
     assert first["val/loss"] == pytest.approx(theirs["loss"], abs=1e-5)
-    assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "mistral"
+    final = json.loads((out / "final" / "config.json").read_text())
+    assert final["model_type"] == "mistral" and final["bos_token_id"] == theirs["bos"] != final["eos_token_id"]
+    again = tmp_path / "again"  # a checkpoint's export keeps the pretrained tokenizer's ids too
+    step = next((out / "checkpoints").iterdir())
+    lmdist_export(step, again)
+    assert json.loads((again / "config.json").read_text()) == final
 
 
 # A tiny random Mistral with a BPE tokenizer, saved as transformers saves a model; its loss on the text as
@@ -255,7 +262,7 @@ with torch.no_grad():
         chunk = torch.tensor([ids[start:start + 65]])
         total += torch.nn.functional.cross_entropy(model(chunk[:, :-1]).logits[0], chunk[0, 1:], reduction="sum").item()
         count += chunk.shape[1] - 1
-print(json.dumps({"loss": total / count}))
+print(json.dumps({"loss": total / count, "bos": model.config.bos_token_id}))
 """
 
 
