@@ -60,6 +60,7 @@ def main(argv: list[str]) -> None:
                     row |= run.evaluate()
                 if row:
                     run.log_metrics(row)
+                run.sample_text(evaluated="val/loss" in row)  # the prompts' continuations, to watch it learn to write
                 if saving:
                     saved = run.save_checkpoint(val_loss=row.get("val/loss"))
                 if verdict.stop_signal:  # a preemption or Ctrl-C: saved above; exit 75 to be relaunched

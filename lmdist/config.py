@@ -119,6 +119,12 @@ class TrainConfig:
     wandb_project: str = _f("lmdist", "W&B project", "logging")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = _f("auto", "`auto` (online when W&B credentials are configured, else offline), `online`, `offline` or `disabled`", "logging")
     wandb_init_timeout: float = _f(30.0, "seconds to wait for W&B to start online before falling back to offline logging", "logging")
+    wandb_tags: str | None = _f(None, "W&B tags of the run, comma-separated (e.g. `baseline,muon`)", "logging")
+    wandb_artifact: bool = _f(False, "at the end, upload final/ to W&B as a model artifact `model-<run id>`", "logging")
+    sample_prompts: str = _f("The |Once upon a time", "prompts the run continues at each sampling step, separated by `|` (an empty prompt starts from end-of-text); the rows go to samples.jsonl and a W&B Table", "logging")
+    sample_tokens: int = _f(64, "tokens generated per sample prompt (0 = no samples)", "logging")
+    sample_every: int | None = _f(None, "take samples every this many optimizer steps and at the last step (default: at each evaluation; 0 = never)", "logging")
+    sample_temperature: float = _f(0.8, "temperature of the samples' draws from the top 50 tokens (0 = greedy)", "logging")
     # checkpoints
     save_every: int = _f(200, "save a checkpoint every this many optimizer steps (and at the last step)", "checkpoints")
     keep_last: int = _f(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)", "checkpoints")
@@ -312,6 +318,11 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.profile_start >= 0, "profile_start", "must be non-negative")
     need(cfg.eval_batches >= 0, "eval_batches", "must be non-negative (0 = the whole validation set)")
     need(cfg.wandb_init_timeout > 0, "wandb_init_timeout", "must be positive")
+    need(cfg.sample_tokens >= 0, "sample_tokens", "must be 0 (no samples) or more")
+    need(cfg.sample_every is None or cfg.sample_every >= 0, "sample_every", "must be 0 (never) or more steps")
+    need(cfg.sample_temperature >= 0, "sample_temperature", "must be 0 (greedy) or more")
+    need(cfg.wandb_tags is None or all(tag.strip() for tag in cfg.wandb_tags.split(",")), "wandb_tags",
+         "names an empty tag: separate tags with single commas")
     need(cfg.save_every >= 1, "save_every", "must be at least 1")
     need(cfg.keep_last >= 1, "keep_last", "must be at least 1 (the newest complete checkpoint is always kept)")
     need(cfg.resume in ("auto", "never") or os.path.isdir(cfg.resume), "resume",

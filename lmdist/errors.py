@@ -16,6 +16,7 @@ import re
 import select
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
@@ -122,6 +123,7 @@ def run_cli(main: Callable[[], object]) -> None:
     """
     if not faulthandler.is_enabled() and sys.__stderr__ is not None:
         faulthandler.enable(sys.__stderr__)
+    warnings.formatwarning = one_line_warning
     try:
         quiet_broken_pipe(main)
         # Free the run's Arrow-backed datasets while the interpreter is whole: Arrow's native threads
@@ -141,6 +143,15 @@ def run_cli(main: Callable[[], object]) -> None:
         say_whole_line(f"lmdist: {error.label}: {where}{error}")
         _close_process_group()
         sys.exit(error.exit_code)
+
+
+def one_line_warning(message, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """A Python warning as one line: lmdist's own as `warning: ...`, another library's with where it came from,
+    instead of Python's two lines that echo the warning's source line."""
+    text = " ".join(str(message).split())
+    if f"{os.sep}lmdist{os.sep}" in filename:
+        return f"warning: {text}\n"
+    return f"warning: {text} ({category.__name__}, {filename}:{lineno})\n"
 
 
 def say_whole_line(message: str) -> None:

@@ -11,10 +11,9 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import yaml
 
-from lmdist import checkpoint, data, engine, export, sources
+from lmdist import checkpoint, data, engine, export, samples, sources
 from lmdist.config import TrainConfig, make_config, upgrade_saved
 from lmdist.errors import ConfigError, DataError
 from lmdist.metrics import evaluate
@@ -80,25 +79,13 @@ def evaluate_saved(folder: str, dataset: str | None, split: str | None, batch_si
             "split": split or ("validation" if dataset is None else "auto")}
 
 
-@torch.no_grad()
 def generate(folder: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
     """Sample a continuation of `prompt`: the same seed gives the same text; top_k 1 (or temperature 0) is greedy."""
     saved = open_saved(folder)
-    model = load_model(saved)
-    ids = saved.tokenizer.encode(prompt) or [saved.tokenizer.eos_id or 0]
-    generator = torch.Generator().manual_seed(seed)
-    context = torch.tensor([ids])
-    for _ in range(max_new_tokens):
-        logits = model(context[:, -saved.cfg.block_size:])[0, -1, :saved.tokenizer.vocab_size].float()  # no padding
-        if top_k:
-            threshold = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits[logits < threshold] = -float("inf")
-        if temperature == 0:
-            token = logits.argmax().reshape(1)
-        else:
-            token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
-        context = torch.cat([context, token[None]], dim=1)
-    return saved.tokenizer.decode(context[0, len(ids):].tolist())
+    ids = samples.continue_ids(load_model(saved), samples.prompt_ids(saved.tokenizer, prompt), max_new_tokens,
+                               saved.cfg.block_size, saved.tokenizer.vocab_size, temperature, top_k,
+                               torch.Generator().manual_seed(seed), torch.device("cpu"))
+    return saved.tokenizer.decode(ids)
 
 
 def export_saved(folder: str, out: str) -> str:

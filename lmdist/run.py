@@ -11,7 +11,7 @@ after the model was allocated slowed the steps that followed); the model is buil
 every rank and prepared before each rank reseeds for its own dropout.
 
 The loop drives the run through named steps (`batches`, `clip_gradients`, `step_done`, `train_metrics`,
-`evaluate`, `log_metrics`, `save_checkpoint`, `stop`, `finish`), so it reads as the lesson's loop while
+`evaluate`, `log_metrics`, `sample_text`, `save_checkpoint`, `stop`, `finish`), so it reads as the lesson's loop while
 counters, timing, trackers and checkpoints stay here. Nothing in it refers to names the loop binds.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from lmdist.resume import (
     find_resume,
     finished,
 )
+from lmdist.samples import Sampler
 from lmdist.schedule import Plan
 from lmdist.stopping import StopGuard, Stopped, requeue_slurm_job
 
@@ -63,6 +64,7 @@ class Run:
         self.run_id, self.forked_from, self.resume, self.n_params = run_id, forked_from, resume, n_params
         self.model_config = model_config  # what checkpoints record of the model beyond cfg (--model hf's config)
         self.guard = StopGuard(use_scaler=accelerator.scaler is not None)
+        self.sampler = Sampler(cfg, corpus.tokenizer, accelerator)
         self.log: tracking.RunLog | None = None  # from `with run:` on
         self._closing = contextlib.ExitStack()
 
@@ -145,6 +147,14 @@ class Run:
         self.log.log({"step": step, "micro_step": self.progress.micro_step, "epoch": self.plan.epoch_of(step), **row,
                       "tokens_seen": self.progress.tokens_seen})
 
+    def sample_text(self, evaluated: bool) -> None:
+        """Continue the sample prompts when this step takes samples (at evaluations by default), outside tokens/s;
+        every rank calls it, rank zero logs the text."""
+        step = self.progress.step
+        if self.sampler.due(step, evaluated, last=step == self.plan.total_steps):
+            with self.throughput.paused():
+                self.log.log_samples(self.sampler.sample(self.model, step))
+
     def save_checkpoint(self, val_loss: float | None) -> str:
         """Save this step's complete checkpoint (every rank takes part), outside tokens/s; returns its folder.
 
@@ -182,6 +192,7 @@ class Run:
             last_row = self.evaluate()
         final_dir, what = export.save_final(self.accelerator, self.model, self.cfg, self.corpus.tokenizer)
         self.log.print(f"final weights: {final_dir}: {what}")
+        self.log.log_model(final_dir, self.progress.step)
         self.log.finish({"status": "completed", "step": self.progress.step, "micro_step": self.progress.micro_step,
                          "final": last_row})
 

@@ -19,8 +19,9 @@ import uuid
 from contextlib import suppress
 from urllib.parse import urlparse
 
-from lmdist import files
+from lmdist import files, samples
 from lmdist.config import TrainConfig
+from lmdist.console import Console, format_final
 from lmdist.data import Corpus
 from lmdist.errors import StorageError, as_user_error, first_line
 from lmdist.resume import is_own_checkpoint
@@ -93,42 +94,96 @@ class JsonlTracker:
 
 
 class ResilientWandBTracker:
-    """A W&B run (as accelerate's WandBTracker starts it) that never stops training.
+    """A W&B run (as accelerate's WandBTracker starts it) that never stops training, set up for its dashboard.
 
     An online start gets `timeout` seconds; if it fails, the run logs offline under the same id. If W&B
-    cannot start at all, logging to it is switched off. `fell_back` says why, for the console.
+    cannot start at all, logging to it is switched off. `fell_back` says why, for the console. W&B's own
+    banners are silenced: the console says where the run is, in lmdist's words.
+
+    The dashboard: every metric is plotted against `step` (hidden itself), `tokens_seen` is there as the
+    other x-axis, and the validation metrics keep their best value in the summary beside the last one;
+    `best/val_loss` and `best/val_loss_step` are set explicitly, so they are in the run file however it is read.
     """
 
     def __init__(self, project: str, mode: str, timeout: float, **init_kwargs):
         self.project, self.mode, self.timeout, self.init_kwargs = project, mode, timeout, init_kwargs
         self.fell_back, self.run = None, None
+        self.best_val_loss: float | None = None
 
     def start(self) -> None:
         import wandb
 
         try:
             self.run = wandb.init(project=self.project, mode=self.mode,
-                                  settings=wandb.Settings(init_timeout=self.timeout), **self.init_kwargs)
+                                  settings=wandb.Settings(init_timeout=self.timeout, silent=True), **self.init_kwargs)
+            self._define_metrics()
             return
         except Exception as e:  # noqa: BLE001 -- no key, no server, timeout, bad settings: W&B never stops training
             self.fell_back = f"{type(e).__name__}: {first_line(e)}"
         wandb.teardown()  # the failed start still holds the run id
         if self.mode == "online":
             try:
-                self.run = wandb.init(project=self.project, mode="offline", **self.init_kwargs)
+                self.run = wandb.init(project=self.project, mode="offline", settings=wandb.Settings(silent=True),
+                                      **self.init_kwargs)
                 self.mode = "offline"
+                self._define_metrics()
                 return
             except Exception as e:  # noqa: BLE001
                 self.fell_back += f"; offline: {type(e).__name__}: {first_line(e)}"
         self.mode = "disabled"
+
+    def _define_metrics(self) -> None:
+        self.run.define_metric("step", hidden=True)  # the x-axis, not a chart of its own
+        self.run.define_metric("micro_step", hidden=True)
+        self.run.define_metric("*", step_metric="step")
+        for key, best in (("val/loss", "min"), ("val/ppl", "min"), ("val/acc", "max")):
+            self.run.define_metric(key, step_metric="step", summary=f"{best},last")
+
+    def location(self) -> str | None:
+        """Where the run is: its page online, its folder offline."""
+        if self.run is None:
+            return None
+        return self.run.url if self.mode == "online" else self.run.settings.sync_dir
 
     def store_init_configuration(self, values: dict) -> None:
         if self.run is not None:
             self.run.config.update(values, allow_val_change=True)
 
     def log(self, values: dict, step: int | None = None) -> None:
-        if self.run is not None:
-            self.run.log(values, step=step)
+        if self.run is None:
+            return
+        self.run.log(values, step=step)
+        loss = values.get("val/loss")
+        if loss is not None and (self.best_val_loss is None or loss < self.best_val_loss):
+            self.best_val_loss = loss
+            self.run.summary.update({"best/val_loss": loss, "best/val_loss_step": step})
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """The samples so far as one Table (step, prompt, text): the dashboard shows the newest, every step in it."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({"samples": wandb.Table(columns=["step", "prompt", "text"],
+                                             data=[[row["step"], row["prompt"], row["text"]] for row in rows])},
+                     step=step)
+
+    def log_model(self, folder: str, name: str, metadata: dict) -> str | None:
+        """Upload `folder` as the model artifact `name`; why not, when it could not."""
+        if self.run is None:
+            return "W&B is off"
+        import wandb
+
+        try:
+            artifact = wandb.Artifact(name, type="model", metadata=metadata)
+            for parent, _, names in os.walk(folder):  # file by file: add_dir prints W&B's own progress line
+                for file in names:
+                    path = os.path.join(parent, file)
+                    artifact.add_file(path, name=os.path.relpath(path, folder))
+            self.run.log_artifact(artifact, aliases=["latest", f"step-{metadata['step']}"])
+        except Exception as e:  # noqa: BLE001 -- an upload never fails the finished run
+            return f"{type(e).__name__}: {first_line(e)}"
+        return None
 
     def finish(self) -> None:
         if self.run is not None:
@@ -158,13 +213,16 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def wandb_tracker(cfg: TrainConfig, run_id: str) -> ResilientWandBTracker | None:
-    """The W&B run of this run id (a resumed run continues its W&B run), or None where W&B is disabled."""
+def wandb_tracker(cfg: TrainConfig, run_id: str, group: str) -> ResilientWandBTracker | None:
+    """The W&B run of this run id (a resumed run continues its W&B run; every launch of it, each an offline
+    folder of its own, is in `group`), or None where W&B is disabled."""
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return None
+    tags = [tag.strip() for tag in cfg.wandb_tags.split(",")] if cfg.wandb_tags else None
     return ResilientWandBTracker(cfg.wandb_project, mode, cfg.wandb_init_timeout, id=run_id,
-                                 name=cfg.run_name or _run_name(cfg), dir=cfg.output_dir, resume="allow")
+                                 name=cfg.run_name or _run_name(cfg), dir=cfg.output_dir, resume="allow",
+                                 group=group, job_type="train", tags=tags)
 
 
 def new_run_id() -> str:
@@ -247,59 +305,6 @@ def _git_commit(folder: str) -> str | None:
         return None
 
 
-# ----------------------------------------------------------------------------- console
-
-class Console:
-    """Rank zero's console: a progress bar on a terminal, plain lines (no carriage returns) otherwise."""
-
-    def __init__(self, accelerator, total_steps: int, initial_step: int = 0):
-        self.enabled = accelerator.is_main_process
-        self.bar = None
-        if self.enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
-        self.total_steps = total_steps
-
-    def print(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def advance(self, steps: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
-
-    def log(self, row: dict) -> None:
-        """A log row: the bar's postfix on a terminal, one line otherwise (val rows always as a line)."""
-        if not self.enabled:
-            return
-        text = format_row(row)
-        if self.bar is not None and "val/loss" not in row:
-            self.bar.set_postfix_str(text, refresh=False)
-        else:
-            self.print(f"step {row['step']}/{self.total_steps} | {text}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def format_row(row: dict) -> str:
-    parts = []
-    for key, value in row.items():
-        if key in ("step", "micro_step"):
-            continue
-        if isinstance(value, float):
-            value = f"{value:.3e}" if key == "lr" or (value != 0 and abs(value) < 1e-3) else (
-                f"{value:,.0f}" if key == "tokens_per_sec" else f"{value:.4g}")
-        parts.append(f"{key} {value}")
-    return " | ".join(parts)
-
-
 class RunLog:
     """Rank zero's record of one run: config.yaml, run.json, every tracker and the console.
 
@@ -310,15 +315,18 @@ class RunLog:
     def __init__(self, accelerator, cfg: TrainConfig, facts: dict, run_id: str, resumed=None):
         self.accelerator, self.cfg, self.closed = accelerator, cfg, False
         self.facts = {**facts, "run_id": run_id, "resumed_from": resumed.step if resumed else None}
-        self.console = Console(accelerator, facts["total_steps"], resumed.step if resumed else 0)
+        self.console = Console(accelerator.is_main_process, facts["total_steps"], resumed.step if resumed else 0)
+        self.started = time.monotonic()
         self.run_json = os.path.join(cfg.output_dir, "run.json")
-        self.trackers, self.wandb_mode = [], "disabled"  # rank zero's
+        self.trackers, self.wandb_mode, self.wandb_run = [], "disabled", None  # rank zero's
+        self.samples, self.sample_rows = None, []  # samples.jsonl, and the rows so far for W&B's Table
         if not accelerator.is_main_process:
             return
         cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
         files.write_json(self.run_json, {**self.facts, "status": "running"})
         jsonl = JsonlTracker(os.path.join(cfg.output_dir, "metrics.jsonl"), resumed.step if resumed else None)
-        wandb_run = wandb_tracker(cfg, run_id)
+        group = (facts["forked_from"] or {}).get("run_id", run_id)  # a fork sits beside the run it forked from
+        wandb_run = self.wandb_run = wandb_tracker(cfg, run_id, group)
         self.trackers = [jsonl, wandb_run] if wandb_run else [jsonl]
         for tracker in self.trackers:  # as Accelerator.init_trackers: every start, then the config
             tracker.start()
@@ -330,11 +338,27 @@ class RunLog:
                 asked = cfg.wandb_mode if cfg.wandb_mode != "auto" else ""
                 then = "logging offline instead" if self.wandb_mode == "offline" else "training goes on without W&B"
                 self.console.print(f"warning: W&B could not start {asked}({wandb_run.fell_back}); {then}")
+            if wandb_run.location():
+                self.console.print(f"W&B: {self.wandb_mode} run {run_id} in project {cfg.wandb_project}: "
+                                   f"{wandb_run.location()}")
         if jsonl.repaired:
             self.console.print(jsonl.repaired)
         if resumed:
             row = {"step": resumed.step, "micro_step": resumed.micro_step, "resumed_from": resumed.step}
             jsonl.log(row)  # not W&B: step S is there
+        self._start_samples(resumed.step if resumed else None)
+
+    def _start_samples(self, resume_step: int | None) -> None:
+        """samples.jsonl, cut back to the resumed step like metrics.jsonl; its rows seed W&B's Table again."""
+        if not samples.prompts_of(self.cfg):
+            return
+        self.samples = JsonlTracker(os.path.join(self.cfg.output_dir, "samples.jsonl"), resume_step)
+        self.samples.start()
+        if resume_step is not None:
+            with open(self.samples.path) as f:
+                self.sample_rows = [json.loads(line) for line in f if line.strip()]
+        if self.samples.repaired:
+            self.console.print(self.samples.repaired)
 
     def __enter__(self) -> RunLog:
         return self
@@ -376,11 +400,31 @@ class RunLog:
             tracker.log(row, step=row["step"])
         self.console.log(row)
 
+    def log_samples(self, rows: list[dict] | None) -> None:
+        """A sampling step's rows (None on ranks but zero): to samples.jsonl and W&B's Table."""
+        if not rows or self.samples is None:
+            return
+        for row in rows:
+            self.samples.log(row)
+        self.sample_rows += rows
+        if self.wandb_run:
+            self.wandb_run.log_samples(self.sample_rows, step=rows[0]["step"])
+
+    def log_model(self, folder: str, step: int) -> None:
+        """Upload final/ to W&B as model-<run id> when `wandb_artifact` asks for it."""
+        if not (self.cfg.wandb_artifact and self.accelerator.is_main_process):
+            return
+        name = f"model-{self.facts['run_id']}"
+        failed = self.wandb_run.log_model(folder, name, {"step": step, "run_id": self.facts["run_id"]}) \
+            if self.wandb_run else "W&B is off"
+        self.print(f"warning: final/ was not uploaded to W&B ({failed})" if failed else
+                   f"W&B: final/ is the model artifact {name}")
+
     def finish(self, summary: dict) -> None:
-        """Close the trackers, complete run.json and say where the W&B files are."""
+        """Close the trackers, complete run.json, say where the W&B files are and, last, the final metrics."""
         self.closed = True
         self.console.close()
-        for tracker in self.trackers:
+        for tracker in [*self.trackers, self.samples] if self.samples else self.trackers:
             tracker.finish()
         # The process group stays: run_cli closes it once main's frame has freed the DDP model. Destroyed here, the
         # model's Reducer would hold its last reference and join gloo's threads holding the GIL, which a thread still
@@ -405,3 +449,5 @@ class RunLog:
                 self.print(f"warning: could not record the end of the run in {self.run_json}")
             if completed:
                 raise
+        if record["status"] == "completed":
+            self.print(format_final(summary["final"], summary["step"], time.monotonic() - self.started))

@@ -52,7 +52,10 @@ lmdist_run() {
     launch=(accelerate launch --num_machines "$LMDIST_NODES" --num_processes "$LMDIST_TOTAL_PROCS"
             --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT")
     if [ -n "$ACCELERATE_CONFIG" ]; then launch+=(--config_file "$ACCELERATE_CONFIG")
-    elif [ "$LMDIST_TOTAL_PROCS" -gt 1 ]; then launch+=(--multi_gpu --rdzv_backend static); fi
+    else  # every value accelerate would otherwise default, and say so in a 5-line block in every log
+      launch+=(--mixed_precision "${ACCELERATE_MIXED_PRECISION:-no}" --dynamo_backend no)
+      if [ "$LMDIST_TOTAL_PROCS" -gt 1 ]; then launch+=(--multi_gpu --rdzv_backend static); fi
+    fi
     exec "${launch[@]}" "$TRAIN_PY" "$@"
   ' lmdist-launcher "$@" "${LMDIST_OUTPUT_ARGS[@]}" &
   local srun_pid=$! status

@@ -107,6 +107,32 @@ def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeou
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def run_on_terminal(cmd: list[str], cwd: Path, columns: int, timeout: float = 180) -> str:
+    """Everything `cmd` wrote to a pseudo-terminal `columns` wide (its stdin, stdout and stderr), once it exited 0."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))  # a terminal has a width
+    process = subprocess.Popen(cmd, stdin=secondary, stdout=secondary, stderr=secondary, cwd=cwd, env=launch_env())
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    text = output.decode(errors="replace")
+    assert process.wait(timeout=timeout) == 0, text[-3000:]
+    return text
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

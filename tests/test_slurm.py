@@ -62,6 +62,8 @@ def test_train_sbatch_one_node_two_ranks(cluster, submit_dir, equivalence_runs):
     out = submit_dir / "runs" / f"lmdist-{job}"  # the default output_dir: runs/<job name>-<job id>
     assert read_run(out)["world_size"] == 2 and read_run(out)["slurm_job_id"] == job
     assert "preflight: host" in log and "node_rank 0" in log
+    assert "were not passed to `accelerate launch`" not in log, "the launcher is given every value it needs"
+    assert "wandb:" not in log and "W&B logged offline" in log, "W&B speaks through lmdist's lines only"
     rows = read_metrics(out)
     assert rows[-1]["val/loss"] < next(r["val/loss"] for r in rows if "val/loss" in r) - 0.05, "it learns"
     want = losses(equivalence_runs["torchrun_b4"])

@@ -158,3 +158,17 @@ def run_file(run_dir: str | os.PathLike[str]) -> str:
     if len(files) != 1:
         raise FileNotFoundError(f"expected one run-*.wandb in {run_dir}, found {len(files)}")
     return str(files[0])
+
+
+def records_of(path: str | os.PathLike[str], kind: str) -> list[Any]:
+    """The messages of every record of type `kind` (``run``, ``metric``, ``artifact``, ...), in order."""
+    return [getattr(r, kind) for r in read_records(path) if r.WhichOneof("record_type") == kind]
+
+
+def summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run summary as its summary records leave it: '/'-joined key -> decoded JSON value."""
+    merged: dict[str, Any] = {}
+    for record in records_of(path, "summary"):
+        for item in record.update:
+            merged[_item_key(item)] = json.loads(item.value_json)
+    return merged
