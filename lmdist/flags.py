@@ -3,6 +3,9 @@
 A dataclass is the table of a command's flags: each field is declared with `option(default, help, group)`
 (a field without a default is required) and typed bool, int, float, str, a Literal of choices, or one of
 those or None. Flags are `--FIELD VALUE` or `--FIELD=VALUE`, and for booleans also `--FIELD` / `--noFIELD`.
+A table may declare one positional field (`option(..., positional="RUN_DIR")`, typed tuple[str, ...]): it
+takes every bare argument, in order, wherever it stands among the flags; a boolean flag of such a table then
+takes a value only as `--FIELD=VALUE`, so that `--log_y RUN_DIR` reads as a flag and a run.
 Values are coerced strictly, because a command line and YAML hand over loosely typed values --
 `--tie_weights false` is the truthy string 'false', `--n 3.5` a float for an int field. Every problem is a
 ConfigError (exit status 2) that names the flag, and an unknown name comes with the closest known one.
@@ -21,9 +24,11 @@ from typing import Any, Literal
 from lmdist.errors import ConfigError
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", group: str = "options") -> Any:
-    """A flag's field: its default (none: the flag is required), what it means and its group in --help."""
-    return field(default=default, metadata={"help": help, "group": group})
+def option(default: Any = dataclasses.MISSING, help: str = "", group: str = "options",
+           positional: str | None = None) -> Any:
+    """A flag's field: its default (none: the flag is required), what it means and its group in --help;
+    `positional` makes it the field of the bare arguments, shown in --help by that name (RUN_DIR)."""
+    return field(default=default, metadata={"help": help, "group": group, "positional": positional})
 
 
 def need(ok: bool, values: Any, name: str, what: str) -> None:
@@ -44,6 +49,16 @@ class Flags:
         self.table, self.validate, self.extra, self.renamed = table, validate, extra, renamed or {}
         self.fields = {f.name: f for f in dataclasses.fields(table)}
         self.types = typing.get_type_hints(table)
+        self.positional = next((f.name for f in self.fields.values() if f.metadata.get("positional")), None)
+
+    def usage(self) -> str:
+        """What follows the command's name: `RUN_DIR [RUN_DIR ...] [--FIELD VALUE ...]`."""
+        bare = self.fields[self.positional].metadata["positional"] if self.positional else None
+        return (f"{bare} [{bare} ...] " if bare else "") + "[--FIELD VALUE ...]"
+
+    def display(self, name: str) -> str:
+        """How field `name` is written on a command line: --FIELD, or the positional field's RUN_DIR."""
+        return self.fields[name].metadata["positional"] if name == self.positional else f"--{name}"
 
     def parse(self, argv: list[str]) -> Any:
         """The instance for `--FIELD VALUE` flags (none of them `extra`)."""
@@ -57,26 +72,32 @@ class Flags:
         coerced = {name: self.coerce(name, raw) for name, raw in values.items()}
         for name, f in self.fields.items():
             if f.default is dataclasses.MISSING and name not in coerced:
-                raise ConfigError(f"--{name} is required: {f.metadata['help']} (see --help)")
+                raise ConfigError(f"{self.display(name)} is required: {f.metadata['help']} (see --help)")
         made = self.table(**coerced)
         if self.validate:
             self.validate(made)
         return made
 
     def split(self, argv: list[str]) -> dict[str, Any]:
-        """`--k v`, `--k=v`, `--flag` and `--noflag` (booleans) into {k: raw string or bool}."""
+        """`--k v`, `--k=v`, `--flag` and `--noflag` (booleans) into {k: raw string or bool}; bare arguments into
+        {positional field: [raw strings]}."""
         flags: dict[str, Any] = {}
         i = 0
         while i < len(argv):
             arg = argv[i]
             if not arg.startswith("--") or arg == "--":
-                raise ConfigError(f"unexpected argument {arg!r}: every setting is a flag, --FIELD VALUE (see --help)")
+                if self.positional is None or arg == "--":
+                    raise ConfigError(f"unexpected argument {arg!r}: every setting is a flag, --FIELD VALUE "
+                                      "(see --help)")
+                flags.setdefault(self.positional, []).append(arg)
+                i += 1
+                continue
             name, eq, value = arg[2:].partition("=")
             name = name.replace("-", "_")
             if not eq:
                 if name.startswith("no") and self._is_bool(name[2:]):
                     name, value = name[2:], False
-                elif self._is_bool(name) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                elif self._is_bool(name) and (self.positional or i + 1 == len(argv) or argv[i + 1].startswith("--")):
                     value = True
                 elif i + 1 < len(argv):
                     i += 1
@@ -85,6 +106,8 @@ class Flags:
                     raise ConfigError(f"flag --{name} needs a value")
             if name in self.renamed:
                 raise ConfigError(f"--{name} was renamed --{self.renamed[name]}: use --{self.renamed[name]} {value}")
+            if name == self.positional:
+                raise ConfigError(f"--{name} is no flag: give each {self.display(name)} bare (usage: {self.usage()})")
             if name not in self.extra and name not in self.fields:
                 raise ConfigError(f"unknown flag --{name}{self.suggestion(name)} (see --help)")
             flags[name] = value  # a flag given again wins, as with argparse: overrides are appended to a command
@@ -92,7 +115,8 @@ class Flags:
         return flags
 
     def suggestion(self, name: str) -> str:
-        close = difflib.get_close_matches(name, [*self.fields, *self.extra], n=1, cutoff=0.6)
+        names = [n for n in [*self.fields, *self.extra] if n != self.positional]  # no flag of its own
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
         return f"; did you mean --{close[0]}?" if close else ""
 
     def _is_bool(self, name: str) -> bool:
@@ -105,6 +129,8 @@ class Flags:
             return None
         base = _base_type(tp)
         try:
+            if name == self.positional:
+                return tuple(_coerce_str(item) for item in raw)
             if typing.get_origin(base) is Literal:
                 return _coerce_choice(raw, typing.get_args(base))
             return {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}[base](raw)
@@ -121,7 +147,8 @@ class Flags:
                 group = f.metadata["group"]
                 lines += ["", f"{group}:"]
             default = "required" if f.default is dataclasses.MISSING else f"default: {f.default}"
-            lines.append(f"  --{f.name} {self.type_name(f.name)} ({default})")
+            kind = "..." if f.name == self.positional else self.type_name(f.name)
+            lines.append(f"  {self.display(f.name)} {kind} ({default})")
             lines.append(f"      {f.metadata['help'].replace('`', '')}")
         return "\n".join(lines)
 
