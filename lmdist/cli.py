@@ -8,9 +8,11 @@
     lmdist env       what a launch here would see: devices, launcher variables, threads, W&B mode
     lmdist fields    every config field with its type, default and meaning (--markdown for a table)
     lmdist peak      this machine's peak for `mfu`: the GPU's datasheet rate and measured matmul rates
+    lmdist plot RUN_DIR [RUN_DIR ...] [--out FILE.png --x step|tokens --metrics loss,lr ...]   curves of runs
 
 Each command's flags are a dataclass parsed by lmdist.flags, as train.py's are: the same typing, `--help`
-and errors (exit status 2, naming the flag). `eval` runs on one process or several:
+and errors (exit status 2, naming the flag); `plot` alone takes bare arguments, its run dirs. `eval` runs on one
+process or several:
 `torchrun --nproc_per_node 2 -m lmdist eval --checkpoint DIR`.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import runpy
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 from lmdist.errors import ConfigError, run_cli
 from lmdist.flags import Flags, need, option
@@ -184,7 +187,48 @@ class Peak:
         print(json.dumps(report, indent=2))
 
 
-COMMANDS = {"eval": Eval, "generate": Generate, "export": Export, "env": Env, "fields": Fields, "peak": Peak}
+@dataclass
+class Plot:
+    """Draw runs' metrics.jsonl as an image: train and validation loss by default, several runs overlaid.
+
+    Works on a run in progress (a row being written is left out) and on a resumed run (one curve). Needs
+    matplotlib: pip install "lmdist[plot]"."""
+
+    runs: tuple[str, ...] = option(help="the runs' output_dirs, each holding metrics.jsonl", positional="RUN_DIR")
+    out: str = option("plot.png", "the image to write (.png, .svg, .pdf ...), replaced if it exists; a bare "
+                                   "name lands in the current folder")
+    x: Literal["step", "tokens"] = option("step", "the x axis: optimizer steps, or training tokens (tokens_seen)")
+    metrics: str = option("loss", "the panels, comma-separated: each takes the keys that are its name or end in "
+                                  "/NAME or _NAME (loss: train/loss and val/loss; also ppl, acc, lr, grad_norm, "
+                                  "tokens_per_sec, or any key in metrics.jsonl)")
+    labels: str | None = option(None, "the runs' names in the legends, comma-separated, one per RUN_DIR (default: "
+                                      "each folder's name, with its parents where two share one)")
+    log_x: bool = option(False, "the x axes on a log scale")
+    log_y: bool = option(False, "the y axes on a log scale")
+
+    def check(self) -> None:
+        need(all(self.metrics.split(",")), self, "metrics", "names an empty panel: give names separated by commas")
+        seen: dict[str, str] = {}
+        for run in self.runs:
+            if os.path.realpath(run) in seen:
+                raise ConfigError(f"RUN_DIR {run!r} is {seen[os.path.realpath(run)]!r} again: give each run once")
+            seen[os.path.realpath(run)] = run
+        if self.labels is not None:
+            labels = self.labels.split(",")
+            need(len(labels) == len(self.runs), self, "labels",
+                 f"has {len(labels)} name(s) for {len(self.runs)} RUN_DIR(s): give one per RUN_DIR, in their order")
+            need(len(set(labels)) == len(labels) and all(labels), self, "labels", "must be distinct and non-empty")
+
+    def run(self) -> None:
+        from lmdist.plot import plot
+
+        plot(list(self.runs), self.out, self.metrics.split(","), self.x,
+             self.labels.split(",") if self.labels else None, self.log_x, self.log_y)
+        print(f"wrote {self.out}")
+
+
+COMMANDS = {"eval": Eval, "generate": Generate, "export": Export, "env": Env, "fields": Fields, "peak": Peak,
+            "plot": Plot}
 TRAIN_SUMMARY = "Train a language model: the loop in train.py, with its flags (see lmdist train --help)."
 
 
@@ -215,7 +259,7 @@ def run_command(argv: list[str]) -> None:
     command = COMMANDS[name]
     table = Flags(command, getattr(command, "check", None))
     if any(arg in ("-h", "--help") for arg in flags):
-        print(table.help_text([f"usage: lmdist {name} [--FIELD VALUE ...]", "", inspect.cleandoc(command.__doc__)]),
+        print(table.help_text([f"usage: lmdist {name} {table.usage()}", "", inspect.cleandoc(command.__doc__)]),
               flush=True)
         return
     table.parse(flags).run()
