@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lmdist import flags
+from lmdist import flags, trackers
 from lmdist.errors import ConfigError
 from lmdist.files import atomic_open
 from lmdist.flags import option as _f  # short: one readable line per field
@@ -115,8 +115,9 @@ class TrainConfig:
     eval_batches: int = _f(0, "validation batches per evaluation (0 = the whole validation set)", "logging")
     log_every: int = _f(10, "log training metrics every this many optimizer steps (and at the last step)", "logging")
     output_dir: str = _f("runs/lmdist", "folder for config.yaml, run.json, metrics.jsonl, the tokenizer and W&B files", "logging")
-    run_name: str | None = _f(None, "W&B run name (default: the output_dir folder name)", "logging")
-    wandb_project: str = _f("lmdist", "W&B project", "logging")
+    report_to: str = _f("wandb", "the trackers that get every log row and the config besides metrics.jsonl, comma-separated: `wandb`, `tensorboard` (in output_dir/tensorboard), `mlflow` (to MLFLOW_TRACKING_URI, else output_dir/mlflow.db), any other name accelerate's `log_with` takes (comet_ml, aim, clearml, dvclive, swanlab, trackio), or `none`", "logging")
+    run_name: str | None = _f(None, "W&B (and MLflow) run name (default: the output_dir folder name)", "logging")
+    wandb_project: str = _f("lmdist", "W&B project; also the MLflow experiment (unless MLFLOW_EXPERIMENT_NAME) and other trackers' project", "logging")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = _f("auto", "`auto` (online when W&B credentials are configured, else offline), `online`, `offline` or `disabled`", "logging")
     wandb_init_timeout: float = _f(30.0, "seconds to wait for W&B to start online before falling back to offline logging", "logging")
     wandb_tags: str | None = _f(None, "W&B tags of the run, comma-separated (e.g. `baseline,muon`)", "logging")
@@ -142,6 +143,12 @@ class TrainConfig:
     @property
     def effective_min_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def report_names(self) -> list[str]:
+        """report_to's trackers, each once, in order; none for `none`."""
+        names = list(dict.fromkeys(name.strip() for name in self.report_to.split(",") if name.strip()))
+        return [] if names == ["none"] else names
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -323,6 +330,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.sample_temperature >= 0, "sample_temperature", "must be 0 (greedy) or more")
     need(cfg.wandb_tags is None or all(tag.strip() for tag in cfg.wandb_tags.split(",")), "wandb_tags",
          "names an empty tag: separate tags with single commas")
+    trackers.check(cfg)
     need(cfg.save_every >= 1, "save_every", "must be at least 1")
     need(cfg.keep_last >= 1, "keep_last", "must be at least 1 (the newest complete checkpoint is always kept)")
     need(cfg.resume in ("auto", "never") or os.path.isdir(cfg.resume), "resume",

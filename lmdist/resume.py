@@ -30,8 +30,9 @@ from lmdist.errors import ConfigError
 
 # Fields a relaunch may change: they steer logging, saving and evaluation, not the training itself.
 RUN_CONTROL_FIELDS = {"eval_every", "eval_batches", "log_every", "save_every", "keep_last", "keep_best", "resume",
-                      "wandb_mode", "wandb_init_timeout", "wandb_project", "wandb_tags", "wandb_artifact", "run_name",
-                      "sample_prompts", "sample_tokens", "sample_every", "sample_temperature", "threads", "cache_dir"}
+                      "report_to", "wandb_mode", "wandb_init_timeout", "wandb_project", "wandb_tags", "wandb_artifact",
+                      "run_name", "sample_prompts", "sample_tokens", "sample_every", "sample_temperature", "threads",
+                      "cache_dir"}
 
 
 @dataclass

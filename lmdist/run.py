@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lmdist import checkpoint, data, engine, export, optim, perf, rundir, streaming, tracking
+from lmdist import checkpoint, data, engine, export, optim, perf, rundir, streaming, trackers, tracking
 from lmdist.config import TrainConfig
 from lmdist.metrics import TokenMeter
 from lmdist.metrics import evaluate as evaluate_on
@@ -201,6 +201,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     """Everything one launch trains with, or None when output_dir holds this very run, finished."""
     cfg, adopted = export.adopt_pretrained(cfg)  # init_from a transformers folder: its architecture and tokenizer
     streaming.check_streaming_config(cfg)
+    trackers.check_available(cfg)  # a missing package is refused before training, not warned about mid-run
     accelerator = engine.build_accelerator(cfg)
     if adopted:
         accelerator.print(adopted)

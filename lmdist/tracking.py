@@ -19,7 +19,7 @@ import uuid
 from contextlib import suppress
 from urllib.parse import urlparse
 
-from lmdist import files, samples
+from lmdist import files, samples, trackers
 from lmdist.config import TrainConfig
 from lmdist.console import Console, format_final
 from lmdist.data import Corpus
@@ -215,9 +215,9 @@ def has_wandb_credentials() -> bool:
 
 def wandb_tracker(cfg: TrainConfig, run_id: str, group: str) -> ResilientWandBTracker | None:
     """The W&B run of this run id (a resumed run continues its W&B run; every launch of it, each an offline
-    folder of its own, is in `group`), or None where W&B is disabled."""
+    folder of its own, is in `group`), or None where W&B is disabled or report_to leaves it out."""
     mode = wandb_mode(cfg)
-    if mode == "disabled":
+    if mode == "disabled" or "wandb" not in cfg.report_names:
         return None
     tags = [tag.strip() for tag in cfg.wandb_tags.split(",")] if cfg.wandb_tags else None
     return ResilientWandBTracker(cfg.wandb_project, mode, cfg.wandb_init_timeout, id=run_id,
@@ -327,7 +327,8 @@ class RunLog:
         jsonl = JsonlTracker(os.path.join(cfg.output_dir, "metrics.jsonl"), resumed.step if resumed else None)
         group = (facts["forked_from"] or {}).get("run_id", run_id)  # a fork sits beside the run it forked from
         wandb_run = self.wandb_run = wandb_tracker(cfg, run_id, group)
-        self.trackers = [jsonl, wandb_run] if wandb_run else [jsonl]
+        others = trackers.other_trackers(cfg, run_id, resumed.step if resumed else None, self.console.print)
+        self.trackers = [jsonl, *([wandb_run] if wandb_run else []), *others]
         for tracker in self.trackers:  # as Accelerator.init_trackers: every start, then the config
             tracker.start()
         for tracker in self.trackers:
