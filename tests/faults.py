@@ -110,20 +110,33 @@ def sigint_while_hashing(step: int) -> None:
     lmdist.checkpoint._sha256 = interrupted_sha256
 
 
-def sigterm_before_stop_check(check: int) -> None:
-    """SIGTERM to this process just before its `check`-th stop check (one per optimizer step): that step is
-    completed and saved, and the run stops there."""
+def _before_stop_check(check: int, action: Callable[[], None]) -> None:
+    """`action()` just before this process's `check`-th stop check (one per optimizer step, before its update and
+    its log row)."""
     import lmdist.stopping
 
     stop_check, calls = lmdist.stopping.StopGuard.check, [0]
 
-    def signal_then_check(self, *args, **kwargs):
+    def act_then_check(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == check:
-            os.kill(os.getpid(), signal.SIGTERM)
+            action()
         return stop_check(self, *args, **kwargs)
 
-    lmdist.stopping.StopGuard.check = signal_then_check
+    lmdist.stopping.StopGuard.check = act_then_check
+
+
+def sigterm_before_stop_check(check: int) -> None:
+    """SIGTERM to this process just before its `check`-th stop check: that step is completed and saved, and the
+    run stops there."""
+    _before_stop_check(check, lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def kill_group_before_stop_check(pgid: int, check: int) -> None:
+    """SIGKILL to process group `pgid` (a server the run talks to) just before the `check`-th stop check of rank 0:
+    the server is gone mid-run."""
+    if _rank() == 0:
+        _before_stop_check(check, lambda: os.killpg(pgid, signal.SIGKILL))
 
 
 def record_reads(path: str) -> None:
