@@ -85,7 +85,7 @@ def test_samples_go_to_samples_jsonl_and_a_wandb_table_and_never_change_training
     rows = read_samples(root / "whole")
     assert [(r["step"], r["prompt"]) for r in rows] == [(step, p) for step in (2, 4, 6) for p in PROMPTS]
     assert all(isinstance(r["text"], str) and r["text"] for r in rows)
-    assert any(a["text"] != b["text"] for a, b in zip(rows[:2], rows[-2:], strict=True)), "its text changes as it learns"
+    assert any(a["text"] != b["text"] for a, b in zip(rows[:2], rows[-2:], strict=True)), "its text changes"
     # stopped after step 4 and resumed: the same text at the same steps (its own generator, reseeded per prompt)
     assert read_samples(root / "stopped") == rows
     # sampling draws nothing from the training's RNG: with dropout on, the run without samples trains the same
@@ -95,7 +95,7 @@ def test_samples_go_to_samples_jsonl_and_a_wandb_table_and_never_change_training
     assert not (root / "unsampled" / "samples.jsonl").exists()
     assert all("samples" not in r for r in read_metrics(root / "whole"))
     # W&B: the resumed launch's Table holds every sample of the run, the first launch's too
-    first, second = wandb_pieces(root / "stopped")
+    _, second = wandb_pieces(root / "stopped")
     last = [h for h in wandb_file.history(second) if "samples/path" in h][-1]
     assert last["_step"] == STEPS
     table = json.loads((Path(second).parent / "files" / last["samples/path"]).read_text())
