@@ -82,6 +82,10 @@ def test_wrong_types_are_named(argv, message):
     (["--muon_momentum", "1"], "--muon_momentum 1.0: must be in [0, 1)"),
     (["--decay_fraction", "1.5"], "--decay_fraction 1.5: must be between 0 and 1"),
     (["--lr_schedule", "wsdd"], "did you mean 'wsd'?"),
+    (["--sample_tokens", "-1"], "--sample_tokens -1: must be 0 (no samples) or more"),
+    (["--sample_every", "-2"], "--sample_every -2: must be 0 (never) or more steps"),
+    (["--sample_temperature", "-0.5"], "--sample_temperature -0.5: must be 0 (greedy) or more"),
+    (["--wandb_tags", "a,,b"], "--wandb_tags 'a,,b': names an empty tag: separate tags with single commas"),
 ])
 def test_impossible_values_are_named(argv, message):
     assert message in error_of(argv)
