@@ -1,6 +1,7 @@
 """The `lmdist` console script: training and the commands around it.
 
     lmdist train [--config FILE.yaml] [--FIELD VALUE ...]   the loop in train.py, from any folder
+    lmdist prepare [--config FILE.yaml] [--FIELD VALUE ...] tokenize a run's data into token shards ahead of it
     lmdist eval --checkpoint DIR [--dataset D --split S --batch_size B --output FILE]
     lmdist eval --checkpoint DIR --harness TASKS [--harness_include DIR]   lm-eval-harness tasks (lmdist[eval])
     lmdist generate --checkpoint DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --seed S]
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         train(argv[1:])
+    elif argv[:1] == ["prepare"]:
+        run_cli(lambda: prepare(argv[1:]))
     else:
         run_cli(lambda: run_command(argv))
 
@@ -247,13 +250,50 @@ def train(flags: list[str]) -> None:
     runpy.run_module("lmdist.train", run_name="__main__", alter_sys=True)
 
 
+PREPARE_SUMMARY = ("Tokenize a run's data into prepared token shards ahead of training, with train.py's flags "
+                   "(e.g. in a CPU job before the GPU job).")
+# the fields that decide which prepared shards a run reads (lmdist.shards' key), shown in `prepare`'s hint
+DATA_FIELDS = ("dataset", "dataset_config", "val_dataset", "val_fraction", "text_column", "tokenizer",
+               "bpe_vocab_size", "bpe_sample_bytes", "min_freq", "streaming", "cache_dir", "tokens_dir")
+
+
+def prepare(flags: list[str]) -> None:
+    """Prepare the token shards of the run these flags describe, then print the flags that find them again."""
+    import shlex
+
+    from lmdist import data, shards
+    from lmdist.config import TrainConfig, load_config
+    from lmdist.sources import warn
+
+    cfg = load_config(flags, prog="lmdist prepare")
+    for spec in filter(None, (cfg.dataset, cfg.val_dataset)):
+        data.check_source(spec)
+    data.quiet_progress_bars(True)
+    prepared = shards.prepare(cfg, warn, True, with_train=not cfg.streaming)
+    defaults = TrainConfig()
+    shown = {name: getattr(cfg, name) for name in DATA_FIELDS
+             if name in ("dataset", "tokenizer") or getattr(cfg, name) != getattr(defaults, name)}
+    shown["tokens_dir"] = shards.tokens_root(cfg)
+    splits = prepared.manifest["splits"]
+    disk = sum(os.path.getsize(os.path.join(prepared.path, shard["file"])) for split in splits.values()
+               for shard in split["shards"])
+    tokens = sum(split["tokens"] for split in splits.values())
+    print(f"prepared: {prepared.path}")
+    print("  " + ", ".join(f"{name} {split['tokens']:,} tokens in {split['documents']:,} documents"
+                           for name, split in splits.items())
+          + f"; {prepared.tokenizer.kind} tokenizer (vocab {prepared.tokenizer.vocab_size}); "
+          f"{disk / max(1, tokens):.2f} bytes/token on disk")
+    print("train on it with these flags (and any others):")
+    print("  " + " ".join(f"--{name} {shlex.quote(str(value))}" for name, value in shown.items()), flush=True)
+
+
 def run_command(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(overview_text(), flush=True)
         return
     name, flags = argv[0], argv[1:]
     if name not in COMMANDS:
-        close = difflib.get_close_matches(name, ["train", *COMMANDS], n=1)
+        close = difflib.get_close_matches(name, ["train", "prepare", *COMMANDS], n=1)
         raise ConfigError(f"unknown command {name!r}{f'; did you mean {close[0]}?' if close else ''} "
                           "(see lmdist --help)")
     command = COMMANDS[name]
@@ -266,9 +306,9 @@ def run_command(argv: list[str]) -> None:
 
 
 def overview_text() -> str:
-    width = max(map(len, ["train", *COMMANDS])) + 2
+    width = max(map(len, ["train", "prepare", *COMMANDS])) + 2
     lines = ["usage: lmdist COMMAND [--FIELD VALUE ...]    (lmdist COMMAND --help lists its flags)", "",
-             "commands:", f"  {'train':<{width}}{TRAIN_SUMMARY}"]
+             "commands:", f"  {'train':<{width}}{TRAIN_SUMMARY}", f"  {'prepare':<{width}}{PREPARE_SUMMARY}"]
     lines += [f"  {name:<{width}}{_summary(command)}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
 

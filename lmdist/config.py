@@ -81,8 +81,10 @@ class TrainConfig:
     val_dataset: str | None = _f(None, "validation data (same forms as `dataset`); default: the source's `validation` (or `valid`, or `test`) split, else the last val_fraction of the training data", "data")
     val_fraction: float = _f(0.05, "fraction of the training data held out for validation when there is no validation split: the last bytes of text files, else the last rows", "data")
     cache_dir: str | None = _f(None, "HuggingFace datasets cache folder (default: the datasets library's own)", "data")
+    tokens_dir: str | None = _f(None, "folder of the prepared token shards, one subfolder per data + tokenizer, shared by every run on the same data (`lmdist prepare` fills it ahead of training); default: lmdist-tokens in the datasets cache", "data")
     tokenizer: str = _f("byte", "`byte`, `char`, `word` (vocabulary from the training split), `bpe` (byte-level BPE trained on the training split), or a local HuggingFace tokenizer folder", "data")
     bpe_vocab_size: int = _f(4096, "bpe: vocabulary size to train (the model's vocabulary is the tokenizer's, rounded up to vocab_multiple)", "data")
+    bpe_sample_bytes: int = _f(100_000_000, "bpe: train on a seeded sample of about this many bytes of the training text (all of it when smaller)", "data")
     min_freq: int = _f(1, "char/word: keep symbols seen at least this often in training; rarer ones become <unk>", "data")
     streaming: bool = _f(False, "read the training data as a stream (HF IterableDataset) split across ranks, for corpora too large for local disk; needs max_steps, val_dataset, and a byte or folder tokenizer", "data")
     # optimisation
@@ -306,6 +308,7 @@ def validate(cfg: TrainConfig) -> None:
     # numpy's seed range, checked here so that every rank refuses it (numpy would fail on rank 1 alone)
     need(0 <= cfg.seed <= 2**32 - 1, "seed", "must be between 0 and 2**32 - 1 (4294967295)")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1")
+    need(cfg.bpe_sample_bytes >= 1, "bpe_sample_bytes", "must be at least 1")
     need(cfg.bpe_vocab_size >= 260, "bpe_vocab_size", "must be at least 260 (byte-level BPE starts from 256 bytes)")
     need(cfg.lr >= 0, "lr", "must be non-negative")
     need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.lr, "min_lr", f"must be between 0 and lr ({cfg.lr})")

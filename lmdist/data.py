@@ -1,12 +1,12 @@
-"""Rows in, batches out: tokenize the rows with `datasets.map`, pack them into sequences, sample batches.
+"""Tokens in, batches out: open the prepared token shards, pack them into sequences, sample batches.
 
-The rows come from lmdist.sources (where they come from, how text files are read). Tokenizing puts the
-end-of-text token after each document's last row: a row whose `continues` is set goes on with the next one.
+The shards come from lmdist.shards (tokenized once, content-addressed, memory-mapped), their text from
+lmdist.sources. The end-of-text token follows each document's last row.
 
 Packing keeps the whole token stream: sequence i is tokens[i*T : i*T + T + 1], its first T tokens
 the input and its last T the targets (the lesson's batchify). Consecutive sequences share one token,
 so every token after the first is a target exactly once. The stream is read straight out of the
-memory-mapped Arrow files `datasets` wrote, so a corpus larger than RAM works.
+memory-mapped shards, so a corpus larger than RAM works.
 
 Batches are drawn the way one big process would draw them: one seeded permutation per epoch, cut
 into global batches of world_size * batch_size sequences, of which each rank takes its contiguous
@@ -27,23 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from lmdist import launch, stopping
+from lmdist import shards, stopping
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
-from lmdist.sources import (
-    CONTINUES,
-    EVAL_SPLITS,
-    _texts,
-    as_text,
-    check_source,
-    check_text,
-    load_dataset_dict,
-    load_rows,
-    pick_split,
-    rows_per_batch,
-    warn,
-)
-from lmdist.tokenizer import Tokenizer, build_tokenizer, encode_rows, load_tokenizer
+from lmdist.sources import CONTINUES, as_text, check_source, rows_per_batch, warn
+from lmdist.tokenizer import Tokenizer, encode_arrays, load_tokenizer
 
 IGNORE_INDEX = -100  # target value for padding: no loss, no accuracy, not counted
 
@@ -57,50 +45,47 @@ class Corpus:
     tokenizer: Tokenizer
     fingerprint: str
     source: dict
+    prepared: str = ""  # the folder of the prepared token shards
 
     def describe(self) -> str:
         """One line for the console: where the text came from, the tokenizer, the sizes, the fingerprint."""
         source = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in self.source.items())
         train = "streamed" if self.train is None else f"{self.train.n_tokens:,}"
         return (f"{source}; tokenizer {self.tokenizer.kind} (vocab {self.tokenizer.vocab_size}); "
-                f"{train} train / {self.val.n_tokens:,} val tokens; fingerprint {self.fingerprint}")
+                f"{train} train / {self.val.n_tokens:,} val tokens; fingerprint {self.fingerprint}"
+                + (f"; tokens in {self.prepared}" if self.prepared else ""))
 
 
 def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool,
                 reuse_tokenizer: bool = False) -> Corpus:
-    """Load, split and tokenize the data; the main process builds caches first, the others reuse them.
+    """The prepared token shards of the data (lmdist.shards), prepared now by the main process when there are none,
+    then opened by the others.
 
-    With `reuse_tokenizer` (a resumed run) every rank loads the tokenizer saved in output_dir. Warnings about
-    the data (bytes that are not UTF-8, rows without text, files left out) come from the main process only.
+    With `reuse_tokenizer` (a resumed run) every rank tokenizes with the tokenizer saved in output_dir. Warnings
+    about the data (bytes that are not UTF-8, rows without text, files left out) come from the main process only.
     """
     for spec in filter(None, (cfg.dataset, cfg.val_dataset)):
         check_source(spec)  # on every rank, before any collective: a bad path fails everywhere at once
     quiet_progress_bars(is_main)
     say = warn if is_main else _silent
+    tokenizer_dir = os.path.join(cfg.output_dir, "tokenizer")
+    saved = load_tokenizer(tokenizer_dir) if reuse_tokenizer and os.path.exists(
+        os.path.join(tokenizer_dir, "lmdist_tokenizer.json")) else None
 
     def build() -> Corpus:
-        if cfg.streaming:  # the training rows arrive later, as a stream (lmdist.streaming)
-            train_rows, source = None, {"dataset": cfg.dataset, "streaming": True, "val_dataset": cfg.val_dataset}
-            val_rows = pick_split(load_dataset_dict(cfg.val_dataset, cfg, say), EVAL_SPLITS, cfg.val_dataset)
-            check_text(val_rows, cfg.text_column, cfg.val_dataset, say)
-        else:
-            train_rows, val_rows, source = load_rows(cfg, say)
-        tokenizer_dir = os.path.join(cfg.output_dir, "tokenizer")
-        if (reuse_tokenizer or not is_main) and os.path.exists(os.path.join(tokenizer_dir, "lmdist_tokenizer.json")):
-            tokenizer = load_tokenizer(tokenizer_dir)  # the one the main process just trained and saved
-        else:
-            tokenizer = build_tokenizer(cfg.tokenizer, lambda: _texts(train_rows, cfg.text_column),
-                                        cfg.bpe_vocab_size, cfg.min_freq)
-            if is_main:
-                tokenizer.save(tokenizer_dir)
+        prepared = shards.prepare(cfg, say, is_main, tokenizer=saved, with_train=not cfg.streaming)
+        tokenizer = prepared.tokenizer
+        if is_main and saved is None:
+            tokenizer.save(tokenizer_dir)
         if tokenizer.eos_id is None:
             say(missing_eos_warning(cfg.tokenizer, tokenizer))
-        train = None if train_rows is None else TokenStream(tokenize(train_rows, tokenizer, cfg.text_column))
-        val = TokenStream(tokenize(val_rows, tokenizer, cfg.text_column))
+        train = TokenStream(prepared.streams["train"]) if "train" in prepared.streams else None
+        val = TokenStream(prepared.streams["val"])
         for name, stream in (("training", train), ("validation", val)):
             if stream is not None and stream.n_tokens < 2:
                 raise DataError(f"the {name} split of {cfg.dataset!r} has {stream.n_tokens} tokens: not enough text")
-        return Corpus(train, val, tokenizer, _fingerprint(source, tokenizer, train, val), source)
+        source = prepared.manifest["source"]
+        return Corpus(train, val, tokenizer, _fingerprint(source, tokenizer, train, val), source, prepared.path)
 
     return main_process_first(build)
 
@@ -128,41 +113,28 @@ def quiet_progress_bars(is_main: bool) -> None:
 
 # ----------------------------------------------------------------------------- tokenizing and packing
 
-def _tokenize_batch(batch: dict, tokenizer: Tokenizer, column: str, dtype: str) -> dict:
-    texts, ends = [], []
-    continues = batch.get(CONTINUES) or [False] * len(batch[column])
-    for value, goes_on in zip(batch[column], continues, strict=True):
-        text = as_text(value)
-        if text:  # a row without text has nothing to predict (check_text counted it)
-            texts.append(text)
-            ends.append(not goes_on)
-    # numpy arrays, not lists of ints: a list costs 8 bytes per token and more, this 2 or 4
-    return {"ids": [np.asarray(ids, dtype=dtype) for ids in encode_rows(tokenizer, texts, ends)]}
-
-
-def tokenize(rows, tokenizer: Tokenizer, column: str):
-    """`rows` -> a dataset with one `ids` list per row with text (cached by `datasets` for file sources); the
+def tokenize(rows, tokenizer: Tokenizer, column: str) -> TokenStream:
+    """`rows` tokenized in memory (`lmdist eval` on another dataset; training reads prepared shards): the
     end-of-text token after each document's last row."""
-    import datasets
-
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "int32"
-    # processes pay off only on big data: 20,000 rows or 64 MiB each
-    num_proc = min(launch.available_cores(), max(rows.num_rows // 20_000, rows.data.nbytes >> 26)) or None
-    batch_size = rows_per_batch(rows)
-    return rows.map(
-        _tokenize_batch, batched=True, batch_size=batch_size, writer_batch_size=batch_size, num_proc=num_proc,
-        remove_columns=rows.column_names, fn_kwargs={"tokenizer": tokenizer, "column": column, "dtype": dtype},
-        features=datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype))}), desc="tokenizing",
-    )
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    parts = []
+    for batch in rows.iter(batch_size=rows_per_batch(rows)):
+        continues = batch.get(CONTINUES) or [False] * len(batch[column])
+        texts, ends = [], []
+        for value, goes_on in zip(batch[column], continues, strict=True):
+            text = as_text(value)
+            if text:  # a row without text has nothing to predict (check_text counted it)
+                texts.append(text)
+                ends.append(not goes_on)
+        parts += encode_arrays(tokenizer, texts, ends, dtype)
+    return TokenStream(parts)
 
 
 class TokenStream:
-    """All token ids of a tokenized dataset as one stream, read zero-copy from its Arrow buffers."""
+    """Token ids held in parts (memory-mapped shards, or arrays) read as one stream."""
 
-    def __init__(self, tokenized):
-        column = tokenized.data.table.column("ids")
-        self.parts = [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in column.chunks]
-        self.parts = [p for p in self.parts if len(p)]
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = [p for p in parts if len(p)]
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
         self.n_tokens = int(self.starts[-1])
 

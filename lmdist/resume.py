@@ -32,7 +32,7 @@ from lmdist.errors import ConfigError
 RUN_CONTROL_FIELDS = {"eval_every", "eval_batches", "log_every", "save_every", "keep_last", "keep_best", "resume",
                       "report_to", "wandb_mode", "wandb_init_timeout", "wandb_project", "wandb_tags", "wandb_artifact",
                       "run_name", "sample_prompts", "sample_tokens", "sample_every", "sample_temperature", "threads",
-                      "cache_dir"}
+                      "cache_dir", "tokens_dir"}
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Where the rows come from: a source spec in, `datasets.Dataset` rows of text out.
 
 The contract: `check_source` fails fast on a local path that cannot be data; `load_rows` gives the training
-rows, the validation rows and a description of the source; `load_dataset_dict` gives one source's splits and
+rows, the validation rows and a description of a source that is not text files (lmdist.shards reads those as
+byte ranges, `split_text_bytes` cutting off their validation part); `load_dataset_dict` gives one source's splits and
 `pick_split` one of them; `check_text` refuses rows without text and warns about rows left out. Every row
 holds its text in the text column; `as_text` is the text the tokenizer sees. Rows of text files also hold
 FILE, CONTINUES and BAD_BYTES. A problem the user can fix is a DataError; warnings go to `say`. Nothing
@@ -75,10 +76,11 @@ def check_source(spec: str) -> None:
 
 
 def load_rows(cfg: TrainConfig, say: Callable[[str], None] = warn):
-    """(training rows, validation rows, source description) as `datasets.Dataset`s.
+    """(training rows, validation rows, source description) as `datasets.Dataset`s, of a source that is not text
+    files (lmdist.shards reads those) and has no `val_dataset`.
 
-    Validation: `val_dataset`, else the source's validation (or valid, or test) split, else the tail of the
-    training data -- of its text for text files and single documents, of its rows otherwise.
+    Validation: the source's validation (or valid, or test) split, else the tail of the training data -- of its
+    text for a single document, of its rows otherwise.
     """
     import datasets
 
@@ -86,22 +88,13 @@ def load_rows(cfg: TrainConfig, say: Callable[[str], None] = warn):
         docs = corpus.builtin_documents()
         loaded = datasets.DatasetDict({"train": datasets.Dataset.from_dict({cfg.text_column: docs})})
         source = {"dataset": "builtin", "modules": len(docs), "corpus_fingerprint": corpus.fingerprint(docs)}
-    elif not cfg.val_dataset and (found := text_source(cfg.dataset)):
-        say_left_out(found, say)
-        train, val, source = split_text_files(found.files, cfg)
-        report_bad_bytes((train, val), say)
-        return train, val, source
     else:
         loaded = load_dataset_dict(cfg.dataset, cfg, say)
         source = {"dataset": cfg.dataset, "splits": {k: v.num_rows for k, v in loaded.items()}}
     train = pick_split(loaded, ("train",), cfg.dataset)
     check_text(train, cfg.text_column, cfg.dataset, say)
     held_out = next((name for name in VAL_SPLITS if name in loaded and loaded[name] is not train), None)
-    if cfg.val_dataset:
-        val = pick_split(load_dataset_dict(cfg.val_dataset, cfg, say), EVAL_SPLITS, cfg.val_dataset)
-        check_text(val, cfg.text_column, cfg.val_dataset, say)
-        source["val_dataset"] = cfg.val_dataset
-    elif held_out:
+    if held_out:
         val = loaded[held_out]
         check_text(val, cfg.text_column, f"{cfg.dataset} ({held_out})", say)
         source["val_split"] = held_out
@@ -286,9 +279,10 @@ def pick_split(loaded, preferred: tuple[str, ...], spec: str):
 
 # ----------------------------------------------------------------------------- text files
 
-def split_text_files(files: list[str], cfg: TrainConfig):
-    """(training rows, validation rows, source) of text files without a validation source: validation is their
-    last val_fraction of bytes (moved to the start of a UTF-8 character), cutting the file it falls in."""
+def split_text_bytes(files: list[str], cfg: TrainConfig):
+    """(training byte ranges, validation byte ranges, source) of text files without a validation source, each range
+    (path, start, stop): validation is their last val_fraction of bytes (moved to the start of a UTF-8 character),
+    cutting the file it falls in."""
     sizes = [os.path.getsize(f) for f in files]
     total = sum(sizes)
     cut = round(total * (1 - cfg.val_fraction))
@@ -301,7 +295,7 @@ def split_text_files(files: list[str], cfg: TrainConfig):
     val_bytes = sizes[k] - offset + sum(sizes[k + 1:])
     source = {"dataset": cfg.dataset, "text_files": len(files), "bytes": total,
               "val_split": f"last {val_bytes} of {total} bytes"}
-    return text_dataset(train_parts, cfg), text_dataset(val_parts, cfg), source
+    return train_parts, val_parts, source
 
 
 def _char_start(path: str, offset: int) -> int:
@@ -396,8 +390,13 @@ def report_bad_bytes(datasets_, say: Callable[[str], None]) -> None:
             path = rows.data.column(FILE)[int(row)].as_py()
             per_file[path] = per_file.get(path, 0) + int(counts[row])
     if per_file:
-        listed = ", ".join(f"{path} ({n} bytes)" for path, n in itertools.islice(per_file.items(), 5))
-        say(f"warning: {sum(per_file.values())} bytes that are not UTF-8 were read as U+FFFD (the replacement "
+        say(report_bad_bytes_of(per_file))
+
+
+def report_bad_bytes_of(per_file: dict[str, int]) -> str:
+    """The warning about bytes that were not UTF-8, from their count per file."""
+    listed = ", ".join(f"{path} ({n} bytes)" for path, n in itertools.islice(per_file.items(), 5))
+    return (f"warning: {sum(per_file.values())} bytes that are not UTF-8 were read as U+FFFD (the replacement "
             f"character) in {len(per_file)} file(s): {listed}; convert such files to UTF-8 (e.g. `iconv -f latin1 "
             "-t utf-8`) to keep those characters")
 
@@ -465,11 +464,6 @@ def _unusual(value) -> str | None:
 
 def _counted(counts: dict[str, int]) -> str:
     return ", ".join(f"{why}: {n}" for why, n in counts.items() if n)
-
-
-def _texts(rows, column: str) -> Iterator[str]:
-    for batch in rows.select_columns([column]).iter(batch_size=rows_per_batch(rows)):
-        yield from filter(None, map(as_text, batch[column]))
 
 
 def rows_per_batch(rows) -> int:

@@ -17,6 +17,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
+import numpy as np
+
 from lmdist.errors import DataError
 from lmdist.files import atomic_path, write_json
 
@@ -214,6 +216,17 @@ def encode_rows(tokenizer: Tokenizer, texts: list[str], ends: list[bool] | None 
             if ends_document:
                 ids.append(tokenizer.eos_id)
     return batch
+
+
+def encode_arrays(tokenizer: Tokenizer, texts: list[str], ends: list[bool], dtype) -> list[np.ndarray]:
+    """`encode_rows` as one array of `dtype` per row: the byte tokenizer without a Python int per byte."""
+    if not isinstance(tokenizer, ByteTokenizer):
+        return [np.asarray(ids, dtype=dtype) for ids in encode_rows(tokenizer, texts, ends)]
+    arrays = []
+    for text, ends_document in zip(texts, ends, strict=True):
+        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
+        arrays.append(np.append(ids, np.asarray(tokenizer.eos_id, dtype)) if ends_document else ids)
+    return arrays
 
 
 def _split(kind: str, text: str) -> Iterable[str]:

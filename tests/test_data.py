@@ -36,9 +36,7 @@ TEXT = ["the cat sat on the mat", "", "the dog sat", "a cat and a dog"]
 
 
 def stream_of(rows: list[list[int]]) -> TokenStream:
-    import datasets
-
-    return TokenStream(datasets.Dataset.from_dict({"ids": rows}))
+    return TokenStream([np.asarray(row, dtype=np.uint16) for row in rows])
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -77,20 +75,14 @@ def test_tokenizer_folder(tmp_path):
 
 # ----------------------------------------------------------------------------- packing and sampling
 
-def test_token_stream_reads_across_chunks_zero_copy():
-    import datasets
-
-    parts = [datasets.Dataset.from_dict({"ids": [[1, 2, 3], [4]]}), datasets.Dataset.from_dict({"ids": [[5, 6], [7]]})]
-    stream = TokenStream(datasets.concatenate_datasets(parts))
-    assert stream.n_tokens == 7 and len(stream.parts) >= 2
+def test_token_stream_reads_across_parts():
+    stream = stream_of([[1, 2, 3, 4], [], [5, 6, 7]])
+    assert stream.n_tokens == 7 and len(stream.parts) == 2
     assert stream.slice(2, 4).tolist() == [3, 4, 5, 6] and stream.slice(5, 10).tolist() == [6, 7]
 
 
-def test_batched_windows_equal_slices_across_chunks_and_the_end():
-    import datasets
-
-    chunks = [datasets.Dataset.from_dict({"ids": [list(range(k * 10, k * 10 + 10))]}) for k in range(5)]
-    stream = TokenStream(datasets.concatenate_datasets(chunks))  # 50 tokens in 5 Arrow chunks
+def test_batched_windows_equal_slices_across_parts_and_the_end():
+    stream = stream_of([list(range(k * 10, k * 10 + 10)) for k in range(5)])  # 50 tokens in 5 parts
     assert len(stream.parts) == 5
     starts = np.array([0, 7, 10, 13, 38, 45, 47, 50, 60])  # inside, straddling, ending the stream, past it
     rows = stream.windows(starts, 4)
@@ -214,10 +206,20 @@ def test_local_sources_load_with_a_tail_validation_split(tmp_path, spec, extra):
 def test_text_files_hold_out_the_tail_of_their_text(tmp_path, spec):
     lines = write_sources(tmp_path)["lines"]
     text = "\n".join(lines) + "\n"
-    train, val, source = load_rows(cfg_for(str(tmp_path / spec), val_fraction=0.1, cache_dir=str(tmp_path / "c")))
+    train, val, source = prepared_text(cfg_for(str(tmp_path / spec), val_fraction=0.1,
+                                               tokens_dir=str(tmp_path / "t")))
     n_val = round(len(text) * 0.1)
-    assert "".join(val["text"]) == text[-n_val:] and "".join(train["text"]) == text[:-n_val]
+    assert val == text[-n_val:] and train == text[:-n_val]
     assert source["val_split"] == f"last {n_val} of {len(text)} bytes"
+
+
+def prepared_text(cfg: TrainConfig) -> tuple[str, str, dict]:
+    """The training and validation text of `cfg`'s prepared byte tokens (end-of-text tokens left out)."""
+    from lmdist import shards
+
+    prepared = shards.prepare(cfg, print, True)
+    train, val = (ByteTokenizer().decode(np.concatenate(prepared.streams[name]).tolist()) for name in ("train", "val"))
+    return train, val, prepared.manifest["source"]
 
 
 def test_a_saved_validation_split_is_used(tmp_path):
@@ -232,12 +234,12 @@ def test_a_saved_validation_split_is_used(tmp_path):
 
 def test_val_dataset_and_single_document_split(tmp_path):
     (tmp_path / "one.txt").write_text("x" * 999 + "\n")
-    train, val, _ = load_rows(cfg_for(str(tmp_path / "one.txt"), val_fraction=0.25, cache_dir=str(tmp_path / "c")))
-    assert train[0]["text"] == "x" * 750 and val[0]["text"] == "x" * 249 + "\n"
+    train, val, _ = prepared_text(cfg_for(str(tmp_path / "one.txt"), val_fraction=0.25, tokens_dir=str(tmp_path / "t")))
+    assert train == "x" * 750 and val == "x" * 249 + "\n"
     (tmp_path / "v.txt").write_text("held out\n")
-    train, val, _ = load_rows(cfg_for(str(tmp_path / "one.txt"), val_dataset=str(tmp_path / "v.txt"),
-                                           cache_dir=str(tmp_path / "c")))
-    assert val["text"] == ["held out\n"] and train[0]["text"] == "x" * 999 + "\n"
+    train, val, _ = prepared_text(cfg_for(str(tmp_path / "one.txt"), val_dataset=str(tmp_path / "v.txt"),
+                                          tokens_dir=str(tmp_path / "t")))
+    assert val == "held out\n" and train == "x" * 999 + "\n"
 
 
 @pytest.mark.parametrize("make, spec, message", [
@@ -274,10 +276,9 @@ def test_tokenized_rows_skip_blank_lines_and_end_with_eos():
     import datasets
 
     tok = VocabTokenizer.train("word", TEXT, 1)
-    ids = tokenize(datasets.Dataset.from_dict({"text": TEXT}), tok, "text")["ids"]
-    assert len(ids) == 3 and all(row[-1] == tok.eos_id for row in ids)
-    assert ids[0][:-1] == tok.encode(TEXT[0])
-    assert np.asarray(ids[0]).dtype.kind in "iu"
+    stream = tokenize(datasets.Dataset.from_dict({"text": TEXT}), tok, "text")
+    expected = [i for text in TEXT if text for i in [*tok.encode(text), tok.eos_id]]
+    assert stream.slice(0, stream.n_tokens).tolist() == expected
 
 
 # ----------------------------------------------------------------------------- errors reach the user
@@ -296,15 +297,3 @@ def test_data_errors_exit_2_on_every_rank(tmp_path, nproc):
         assert result.returncode == (2 if nproc == 1 else 1)  # launchers squash worker statuses to 1
         assert result.stderr.count(message) == nproc, result.stderr[-3000:]
         assert all(f"lmdist/{module}.py" not in result.stderr for module in ("data", "sources", "schedule"))
-
-
-def test_file_datasets_are_tokenized_into_memory_mapped_arrow(tmp_path):
-    """A corpus larger than RAM must work: the token stream reads the Arrow cache file in place."""
-    import datasets
-
-    (tmp_path / "a.txt").write_text("hello world\n" * 500)
-    rows = load_rows(cfg_for(str(tmp_path / "a.txt"), cache_dir=str(tmp_path / "c")))[0]
-    tokenized = tokenize(rows, ByteTokenizer(), "text")
-    assert tokenized.cache_files and isinstance(tokenized.data, datasets.table.MemoryMappedTable)
-    stream = TokenStream(tokenized)
-    assert stream.n_tokens == 475 * 12 and not any(part.flags.owndata for part in stream.parts)

@@ -145,10 +145,11 @@ def test_rows_without_text_are_counted_and_reported(tmp_path, capsys):
 def test_csv_cells_are_read_as_written(tmp_path):
     (tmp_path / "a.csv").write_text("id,text\n1,1984\n2,NA\n3,\n4,null\n5,words here\n")
     train, _, _ = sources.load_rows(TrainConfig(dataset=str(tmp_path / "a.csv"), cache_dir=str(tmp_path / "c"),
-                                                  val_dataset=str(tmp_path / "a.csv")))
-    assert train["text"] == ["1984", "NA", "", "null", "words here"]
-    ids = data.tokenize(train, ByteTokenizer(), "text")["ids"]
-    assert [ByteTokenizer().decode(row) for row in ids] == ["1984", "NA", "null", "words here"]
+                                                  val_fraction=0.01))
+    assert train["text"] == ["1984", "NA", "", "null", "words here"][:train.num_rows]
+    ids = tokens(data.tokenize(train, ByteTokenizer(), "text"))
+    documents = ByteTokenizer().decode([i if i != ByteTokenizer.eos_id else ord("|") for i in ids])
+    assert documents == "|".join(["1984", "NA", "null", "words here"][:train.num_rows - 1]) + "|"
 
 
 def test_a_source_without_any_text_is_refused(tmp_path):

@@ -1,0 +1,211 @@
+"""Prepared token shards (lmdist.shards): exact text, same bytes, never a partial one, found again warm."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from lmdist import launch as lmdist_launch
+from lmdist import shards
+from lmdist.config import TrainConfig
+from lmdist.tokenizer import ByteTokenizer
+from tests.conftest import TINY_GPT, launch
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "one", "dog", "ran", "after", "ducks", "near", "old", "barns"]
+
+
+def write_text(path, n_lines: int, seed: int = 0) -> str:
+    """Lines of words, with a blank line, tabs, non-ASCII and no final line break: text to read as written."""
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(rng.choice(WORDS, rng.integers(3, 12))) for _ in range(n_lines)]
+    lines[3], lines[5] = "", "\tindented é ✓"
+    text = "\n".join(lines)
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def cfg_for(tmp_path, dataset, **overrides) -> TrainConfig:
+    return TrainConfig(**{"dataset": str(dataset), "tokens_dir": str(tmp_path / "tokens"),
+                          "output_dir": str(tmp_path / "out"), **overrides})
+
+
+def decoded(prepared: shards.Prepared, split: str) -> str:
+    tokens = np.concatenate([np.asarray(part) for part in prepared.streams[split]])
+    return bytes(tokens[tokens < 256].astype(np.uint8)).decode("utf-8")
+
+
+def folder_bytes(path) -> dict[str, bytes]:
+    found = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), path)] = f.read()
+    return found
+
+
+@pytest.fixture
+def small_units(monkeypatch):
+    """Units of 4 KiB, so that small files make many units and the forked pool runs."""
+    monkeypatch.setattr(shards, "UNIT_BYTES", 4096)
+
+
+def test_shards_decode_back_to_the_text_with_documents_indexed(tmp_path, small_units):
+    texts = [write_text(tmp_path / f"{name}.txt", n, seed) for name, n, seed in (("a", 900, 1), ("b", 40, 2))]
+    prepared = shards.prepare(cfg_for(tmp_path, tmp_path / "*.txt", val_fraction=0.02), print, True)
+    whole = "".join(texts)
+    train, val = decoded(prepared, "train"), decoded(prepared, "val")
+    assert train + val == whole and len(val) > 0  # every byte once, in order, line breaks and all
+    splits = prepared.manifest["splits"]
+    assert len(splits["train"]["shards"]) > 3  # a.txt alone is more than 4 units
+    assert prepared.manifest["dtype"] == "uint16" and prepared.streams["train"][0].dtype == np.uint16
+    # end-of-text after a.txt only: b.txt's end is in the validation split, b's training part continues
+    train_tokens = np.concatenate(prepared.streams["train"])
+    ends = np.fromfile(os.path.join(prepared.path, "train.docs.bin"), dtype=np.uint64)
+    assert np.flatnonzero(train_tokens == ByteTokenizer.eos_id).tolist() == [len(texts[0].encode())]
+    assert ends.tolist() == [len(texts[0].encode()) + 1] and splits["train"]["documents"] == 1
+    assert isinstance(prepared.streams["train"][0], np.memmap)  # read in place: a corpus larger than RAM works
+
+
+def test_table_rows_and_bpe_decode_back(tmp_path, small_units):
+    rows = [{"text": line} for line in write_text(tmp_path / "x.txt", 400).split("\n")]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    cfg = cfg_for(tmp_path, tmp_path / "rows.jsonl", tokenizer="bpe", bpe_vocab_size=300,
+                  cache_dir=str(tmp_path / "cache"))
+    prepared = shards.prepare(cfg, print, True)
+    kept = [row["text"] for row in rows if row["text"]]  # the blank row is left out
+    tokens = np.concatenate([np.concatenate(prepared.streams[s]) for s in ("train", "val")])
+    documents = np.split(tokens, np.flatnonzero(tokens == prepared.tokenizer.eos_id) + 1)[:-1]
+    assert [prepared.tokenizer.decode(doc[:-1].tolist()) for doc in documents] == kept
+    splits = prepared.manifest["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(kept)
+
+
+def test_two_preparations_give_the_same_bytes_on_any_number_of_cores(tmp_path, small_units, monkeypatch):
+    write_text(tmp_path / "a.txt", 1500)
+    made = []
+    for cores, where in ((1, "one"), (2, "two")):
+        monkeypatch.setattr(lmdist_launch, "available_cores", lambda cores=cores: cores)
+        cfg = cfg_for(tmp_path, tmp_path / "a.txt", tokenizer="bpe", bpe_vocab_size=300,
+                      tokens_dir=str(tmp_path / where))
+        made.append(shards.prepare(cfg, print, True))
+    assert os.path.basename(made[0].path) == os.path.basename(made[1].path)  # content-addressed: the same key
+    first, second = folder_bytes(made[0].path), folder_bytes(made[1].path)
+    assert len(first) > 6 and first == second
+
+
+def test_the_key_follows_the_data_and_the_tokenizer(tmp_path):
+    write_text(tmp_path / "a.txt", 200)
+    base = shards.prepare(cfg_for(tmp_path, tmp_path / "a.txt"), print, True).path
+    assert shards.prepare(cfg_for(tmp_path, tmp_path / "a.txt"), print, True).path == base
+    changed = [cfg_for(tmp_path, tmp_path / "a.txt", tokenizer="bpe", bpe_vocab_size=300),
+               cfg_for(tmp_path, tmp_path / "a.txt", val_fraction=0.2)]
+    assert len({base, *(shards.prepare(cfg, print, True).path for cfg in changed)}) == 3
+    time.sleep(0.01)
+    write_text(tmp_path / "a.txt", 200, seed=5)  # new contents: a new modification time
+    assert shards.prepare(cfg_for(tmp_path, tmp_path / "a.txt"), print, True).path != base
+
+
+def test_a_warm_opening_reads_no_text_and_repeats_the_warnings(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_bytes(b"caf\xe9 au lait\n" * 50)  # Latin-1: one warning
+    cfg = cfg_for(tmp_path, tmp_path / "d")
+    said = []
+    first = shards.prepare(cfg, said.append, True)
+    assert any("not UTF-8" in message for message in said)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a warm opening read the text")
+
+    monkeypatch.setattr(shards, "_build", no_reading)
+    again = []
+    second = shards.prepare(cfg, again.append, True)
+    assert second.path == first.path and again == [m for m in said if not m.startswith("prepared")]
+
+
+def test_a_resumed_run_s_tokenizer_finds_the_spec_s_preparation(tmp_path):
+    write_text(tmp_path / "a.txt", 300)
+    cfg = cfg_for(tmp_path, tmp_path / "a.txt", tokenizer="bpe", bpe_vocab_size=300)
+    fresh = shards.prepare(cfg, print, True)
+    assert shards.prepare(cfg, print, True, tokenizer=fresh.tokenizer).path == fresh.path
+    other = shards.prepare(cfg, print, True, tokenizer=ByteTokenizer())  # another tokenizer: another folder
+    assert other.path != fresh.path and other.tokenizer.kind == "byte"
+
+
+def test_bpe_learns_from_a_bounded_seeded_sample(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "SAMPLE_WINDOW_BYTES", 1024)
+    text = write_text(tmp_path / "a.txt", 3000)  # about 100 KB
+    cfg = cfg_for(tmp_path, tmp_path / "a.txt", tokenizer="bpe", bpe_sample_bytes=4096)
+    units = shards.text_units([(str(tmp_path / "a.txt"), 0, len(text.encode()))])
+    sample = list(shards.training_sample(units, {}, cfg))
+    assert sample == list(shards.training_sample(units, {}, cfg))  # seeded
+    assert len(sample) == 4 and 3 * 1024 < sum(len(t.encode()) for t in sample) <= 4 * 1024
+    where = [text.index(window) for window in sample]  # each window is text as written, in order, spread out
+    assert where == sorted(where) and where[-1] - where[0] > len(text) / 4
+    whole = list(shards.training_sample(units, {}, cfg_for(tmp_path, tmp_path / "a.txt", tokenizer="bpe")))
+    assert "".join(whole) == text  # under the bound: all of the text, in order
+    trained = shards.prepare(cfg, print, True)
+    assert trained.path != shards.prepare(cfg_for(tmp_path, tmp_path / "a.txt", tokenizer="bpe"), print, True).path
+
+
+KILLED_PREPARATION = textwrap.dedent("""
+    import os, sys, time
+    from lmdist import shards
+    from lmdist.config import TrainConfig
+    shards.UNIT_BYTES = 4096
+    tokenize = shards._tokenize_unit
+    def slow(item):
+        result = tokenize(item)
+        if item[1] == 2:
+            open(sys.argv[3], "w").close()
+            time.sleep(600)
+        return result
+    shards._tokenize_unit = slow
+    cfg = TrainConfig(dataset=sys.argv[1], tokens_dir=sys.argv[2])
+    import lmdist.launch
+    lmdist.launch.available_cores = lambda: 1  # the units run in this process, which is killed
+    shards.prepare(cfg, print, True)
+""")
+
+
+def test_a_killed_preparation_is_never_used_and_is_redone(tmp_path, small_units):
+    write_text(tmp_path / "a.txt", 600)
+    marker = tmp_path / "marker"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_PREPARATION, str(tmp_path / "a.txt"),
+                                str(tmp_path / "tokens"), str(marker)])
+    try:
+        for _ in range(600):
+            if marker.exists() or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert marker.exists(), "the preparation never reached its third unit"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    left = os.listdir(tmp_path / "tokens")
+    assert any(".partial-" in name for name in left) and not any(len(name) == 24 for name in left)
+    prepared = shards.prepare(cfg_for(tmp_path, tmp_path / "a.txt"), print, True)  # redone, whole
+    assert decoded(prepared, "train") + decoded(prepared, "val") == (tmp_path / "a.txt").read_text()
+    assert not any(".partial-" in name for name in os.listdir(tmp_path / "tokens"))
+
+
+@pytest.mark.launch
+def test_lmdist_prepare_prints_the_flags_a_run_then_trains_on(tmp_path):
+    write_text(tmp_path / "a.txt", 3000)
+    prepared = subprocess.run([sys.executable, "-m", "lmdist", "prepare", "--dataset", str(tmp_path / "a.txt"),
+                               "--tokens_dir", str(tmp_path / "tokens"), "--val_fraction", "0.1"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert prepared.returncode == 0, prepared.stderr
+    flags = prepared.stdout.strip().splitlines()[-1].split()
+    assert flags[:2] == ["--dataset", str(tmp_path / "a.txt")] and "--val_fraction" in flags
+    run = launch([*TINY_GPT, *flags, "--output_dir", str(tmp_path / "run"), "--max_steps", "2"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "prepared " not in run.stderr  # found, not made again
+    folder = prepared.stdout.splitlines()[0].removeprefix("prepared: ")
+    assert f"tokens in {folder}" in run.stdout + run.stderr
