@@ -39,13 +39,14 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -167,6 +168,37 @@ def _replayed(found: Prepared, say: Callable[[str], None]) -> Prepared:
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def mixture_tokenizer(cfg: TrainConfig, configs: list[TrainConfig], weights: list[float],
+                      say: Callable[[str], None], is_main: bool) -> Tokenizer | None:
+    """The tokenizer a mixture's sources share, trained once on all of them when it learns (bpe: each source's
+    share of bpe_sample_bytes by weight; char/word: every symbol) and kept in `tokens_dir/tokenizers/`; None for
+    byte or a folder, which every source's preparation builds the same."""
+    if cfg.tokenizer not in ("char", "word", "bpe"):
+        return None
+    total = sum(weights)
+    key = _digest({"format": FORMAT, "tokenizer": tokenizer_identity(cfg),
+                   "sources": [[source_identity(c), c.text_column, c.val_fraction, w / total]
+                               for c, w in zip(configs, weights, strict=True)]})
+    folder = os.path.join(tokens_root(cfg), "tokenizers", key)
+    if not os.path.exists(os.path.join(folder, "lmdist_tokenizer.json")):
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        with _locked(folder + ".lock", say if is_main else _silent):
+            if not os.path.exists(os.path.join(folder, "lmdist_tokenizer.json")):
+                def texts() -> Iterator[str]:
+                    for source_cfg, weight in zip(configs, weights, strict=True):
+                        splits, loaded, _ = _units(source_cfg, True, _silent)  # its preparation says the warnings
+                        share = replace(source_cfg, bpe_sample_bytes=max(1, round(cfg.bpe_sample_bytes * weight
+                                                                                  / total)))
+                        yield from training_sample(splits["train"], loaded, share)
+
+                tokenizer = build_tokenizer(cfg.tokenizer, texts, cfg.bpe_vocab_size, cfg.min_freq)
+                partial = f"{folder}.partial-{socket.gethostname()}-{os.getpid()}"
+                shutil.rmtree(partial, ignore_errors=True)
+                tokenizer.save(partial)
+                os.rename(partial, folder)
+    return load_tokenizer(folder)
 
 
 # ----------------------------------------------------------------------------- identities
@@ -406,25 +438,31 @@ def training_sample(units: list, datasets_: dict, cfg: TrainConfig) -> Iterator[
 
 # ----------------------------------------------------------------------------- tokenizing in parallel
 
-_WORK: dict = {}  # what forked workers inherit: the loaded datasets, the tokenizer, the column, dtype, folder
+_WORK: dict = {}  # a worker's part of the preparation: the loaded datasets, the tokenizer, the column, dtype, folder
 
 
 def _tokenize_all(work: list, datasets_: dict, tokenizer: Tokenizer, column: str, dtype: np.dtype, folder: str,
                   is_main: bool) -> list[dict]:
-    """Each unit through `_tokenize_unit`, on every core (forked workers) with a progress bar on a terminal."""
-    _WORK.update(datasets=datasets_, tokenizer=tokenizer, column=column, dtype=dtype, folder=folder)
-    processes = min(launch.available_cores(), len(work))
-    bar = _progress_bar(sum(_unit_size(unit, datasets_) for _, _, unit in work), is_main)
+    """Each unit through `_tokenize_unit`, on every core, with a progress bar on rank zero's terminal.
+
+    The workers come from a fork server, not a fork of this process: a trainer holds threads (gloo, OpenMP,
+    tokenizers), and a child forked while one of them holds a lock waits on that lock forever."""
+    setting = (datasets_, tokenizer, column, dtype, folder)
+    total = sum(_unit_size(unit, datasets_) for _, _, unit in work)
+    # less than two units' text is tokenized in this process: starting workers would cost more
+    processes = min(launch.available_cores(), len(work)) if total >= 2 * UNIT_BYTES else 1
+    bar = _progress_bar(total, is_main)
     results = []
     try:
         if processes <= 1:
+            _start_worker(*setting, quiet=False)
             for item in work:
                 results.append(_tokenize_unit(item))
                 bar.update(results[-1]["size"])
         else:
-            # the children run one tokenizer thread each; set before forking, tokenizers stays quiet about it
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            with multiprocessing.get_context("fork").Pool(processes) as pool:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["lmdist.shards"])
+            with context.Pool(processes, initializer=_start_worker, initargs=setting) as pool:
                 for result in pool.imap(_tokenize_unit, work):
                     results.append(result)
                     bar.update(result["size"])
@@ -432,6 +470,18 @@ def _tokenize_all(work: list, datasets_: dict, tokenizer: Tokenizer, column: str
         bar.close()
         _WORK.clear()
     return results
+
+
+def _start_worker(datasets_: dict, tokenizer: Tokenizer, column: str, dtype: np.dtype, folder: str,
+                  quiet: bool = True) -> None:
+    """What a worker tokenizes with. A worker process runs one tokenizer thread (one process per core), leaves
+    Ctrl-C to the preparing process (the terminal sends it to every process) and dies quietly of the SIGTERM
+    with which the pool ends it."""
+    _WORK.update(datasets=datasets_, tokenizer=tokenizer, column=column, dtype=dtype, folder=folder)
+    if quiet:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _progress_bar(total: int, is_main: bool):

@@ -73,6 +73,13 @@ def crash_rank_once(rank: int, micro_step: int, marker: str) -> None:
     lmdist.metrics.TokenMeter.add = crashing_add
 
 
+def small_prepare_units(unit_bytes: int) -> None:
+    """Token shards prepared in units of `unit_bytes`, so that a small corpus is tokenized by the worker pool."""
+    import lmdist.shards
+
+    lmdist.shards.UNIT_BYTES = unit_bytes
+
+
 def nan_output_on_rank(rank: int, forward: int) -> None:
     """`rank`'s model returns NaN logits from its `forward`-th training forward pass."""
     import lmdist.models

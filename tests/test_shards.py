@@ -16,6 +16,7 @@ from lmdist import launch as lmdist_launch
 from lmdist import shards
 from lmdist.config import TrainConfig
 from lmdist.tokenizer import ByteTokenizer
+from tests import faults
 from tests.conftest import TINY_GPT, launch
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "one", "dog", "ran", "after", "ducks", "near", "old", "barns"]
@@ -209,3 +210,19 @@ def test_lmdist_prepare_prints_the_flags_a_run_then_trains_on(tmp_path):
     assert "prepared " not in run.stderr  # found, not made again
     folder = prepared.stdout.splitlines()[0].removeprefix("prepared: ")
     assert f"tokens in {folder}" in run.stdout + run.stderr
+
+
+@pytest.mark.launch
+def test_a_cold_preparation_in_a_two_rank_launch_uses_the_pool_and_trains(tmp_path):
+    """Rank zero prepares with worker processes while the trainer's threads run (gloo, OpenMP): workers forked
+    from it hung on a lock one of those threads held; they come from a fork server. The pool's SIGTERM to its
+    workers must not reach the trainer's stop handler either (it printed "stopped: SIGTERM during start-up")."""
+    write_text(tmp_path / "a.txt", 4000)
+    args = [*TINY_GPT, "--dataset", str(tmp_path / "a.txt"), "--tokens_dir", str(tmp_path / "tokens"),
+            "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--batch_size", "4"]
+    run = launch(args, cwd=tmp_path, nproc=2, launcher="torchrun", script=faults.SCRIPT, timeout=240,
+                 env=faults.inject(faults.small_prepare_units, unit_bytes=4096))
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads(next((tmp_path / "tokens").glob("*/manifest.json")).read_text())
+    assert len(manifest["splits"]["train"]["shards"]) > 10  # many units: the pool ran
+    assert "SIGTERM" not in run.stderr and "stopped" not in run.stderr
