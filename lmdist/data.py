@@ -8,9 +8,10 @@ the input and its last T the targets (the lesson's batchify). Consecutive sequen
 so every token after the first is a target exactly once. The stream is read straight out of the
 memory-mapped shards, so a corpus larger than RAM works.
 
-Batches are drawn the way one big process would draw them: one seeded permutation per epoch, cut
-into global batches of world_size * batch_size sequences, of which each rank takes its contiguous
-slice. So 2 ranks x batch b see exactly the batches of 1 process x batch 2b.
+Batches are drawn the way one big process would draw them: one seeded permutation per epoch (lmdist.order's
+Feistel bijection, computed a chunk of positions at a time: constant memory whatever the corpus, and a resumed
+epoch starts at its position), cut into global batches of world_size * batch_size sequences, of which each
+rank takes its contiguous slice. So 2 ranks x batch b see exactly the batches of 1 process x batch 2b.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from lmdist import shards, stopping
+from lmdist import order, shards, stopping
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
+from lmdist.order import ORDER
 from lmdist.sources import CONTINUES, as_text, check_source, rows_per_batch, warn
 from lmdist.tokenizer import Tokenizer, encode_arrays, load_tokenizer
 
@@ -218,24 +220,23 @@ def inputs_and_targets(rows: torch.Tensor, whole: bool) -> tuple[torch.Tensor, t
 
 
 class EpochPermutation(Sampler[int]):
-    """The first `num_samples` indices of a permutation of range(n) seeded by (seed, epoch).
+    """The first `num_samples` indices of a permutation of range(n) seeded by (seed, epoch): the lmdist.order
+    `data_order` -- ORDER, in constant memory; ORDER_LEGACY only to continue a checkpoint trained with it.
 
     The permutation depends only on the seed and the epoch -- not on the world size or on how many
     epochs ran in this process -- so any rank, any launch and any resume draws the same order.
     """
 
-    def __init__(self, n: int, num_samples: int, seed: int, global_batch: int):
+    def __init__(self, n: int, num_samples: int, seed: int, global_batch: int, data_order: str = ORDER):
         self.n, self.num_samples, self.seed, self.global_batch = n, num_samples, seed, global_batch
-        self.epoch, self.skip = 0, 0
+        self.data_order, self.epoch, self.skip = data_order, 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Draw `epoch`'s order, leaving out its first `skip_batches` global batches (a resumed run's)."""
         self.epoch, self.skip = epoch, skip_batches * self.global_batch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        permutation = torch.randperm(self.n, generator=generator)[self.skip: self.num_samples]
-        for chunk in permutation.split(1 << 16):  # never a Python list of every index
+        for chunk in order.chunks(self.data_order, self.n, self.seed, self.epoch, self.skip, self.num_samples):
             yield from chunk.tolist()
 
     def __len__(self) -> int:
@@ -322,11 +323,12 @@ class _ReadAheadIndices(Sampler[list[int]]):
 
 
 def train_loader(sequences: PackedSequences, batch_size: int, grad_accum: int, seed: int, accelerator,
-                 num_workers: int = 0) -> BatchLoader:
-    """Shuffled global batches; each epoch's remainder that cannot fill an optimizer step is dropped."""
+                 num_workers: int = 0, data_order: str = ORDER) -> BatchLoader:
+    """Global batches in `data_order` (lmdist.order); each epoch's remainder that cannot fill an optimizer step
+    is dropped."""
     global_batch = batch_size * accelerator.num_processes
     micro_batches = len(sequences) // global_batch // grad_accum * grad_accum
-    sampler = EpochPermutation(len(sequences), micro_batches * global_batch, seed, global_batch)
+    sampler = EpochPermutation(len(sequences), micro_batches * global_batch, seed, global_batch, data_order)
     return BatchLoader(sequences, BatchSampler(sampler, global_batch, drop_last=True), accelerator, num_workers)
 
 
