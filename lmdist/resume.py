@@ -12,7 +12,9 @@ sequences) carry over. A finished run (final/ written) relaunched with its own c
 settings it is refused, and the refusal prints the command that trains on from its final weights.
 
 trainer_state.json holds `checkpoint_record`'s fields, which `Resume` reads back; lmdist.checkpoint stores the
-record as given (see its docstring for the two fields it reads).
+record as given (see its docstring for the two fields it reads). Its `data_order` names the lmdist.order the
+run draws its batches in, and a resume keeps it: a record without one (written before it was recorded) trained
+in ORDER_LEGACY, and one this lmdist does not know is refused.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import yaml
 from lmdist.checkpoint import CheckpointError, read_state, step_folders
 from lmdist.config import TrainConfig, upgrade_saved
 from lmdist.errors import ConfigError
+from lmdist.order import ORDER, ORDER_LEGACY, ORDERS
 
 # Fields a relaunch may change: they steer logging, saving and evaluation, not the training itself.
 RUN_CONTROL_FIELDS = {"eval_every", "eval_batches", "log_every", "save_every", "keep_last", "keep_best", "resume",
@@ -74,6 +77,7 @@ class Resume:
     forked_from: dict | None = None  # the run a fork began from (its checkpoint, run id and step)
     model_config: dict | None = None  # --model hf: the transformers config it trained (models.recorded_config)
     resumed_by: int | None = None  # processes that resume it (set by adapt_to_world_size)
+    data_order: str = ORDER  # the lmdist.order its batches were drawn in
 
     @property
     def global_batch(self) -> int:
@@ -82,12 +86,14 @@ class Resume:
 
 
 def checkpoint_record(cfg: TrainConfig, progress: Progress, *, run_id: str, forked_from: dict | None,
-                      data_fingerprint: str, val_loss: float | None, model_config: dict | None = None) -> dict:
+                      data_fingerprint: str, data_order: str, val_loss: float | None,
+                      model_config: dict | None = None) -> dict:
     """What a checkpoint records for its resume (trainer_state.json): the counters and data position, the run
-    (its id and, for a fork, its origin), the config, the data fingerprint, and `val_loss`, the evaluation at
-    this step if any, which `keep_best` compares; `model_config`, --model hf's transformers config."""
+    (its id and, for a fork, its origin), the config, the data fingerprint and order, and `val_loss`, the
+    evaluation at this step if any, which `keep_best` compares; `model_config`, --model hf's transformers config."""
     return {"progress": asdict(progress), "run_id": run_id, "forked_from": forked_from, "config": cfg.to_dict(),
-            "data_fingerprint": data_fingerprint, "val_loss": val_loss, "model_config": model_config}
+            "data_fingerprint": data_fingerprint, "data_order": data_order, "val_loss": val_loss,
+            "model_config": model_config}
 
 
 def find_resume(cfg: TrainConfig, say) -> Resume | None:
@@ -125,7 +131,18 @@ def find_resume(cfg: TrainConfig, say) -> Resume | None:
 def _resume_from(path: str) -> Resume:
     state = read_state(path)
     return Resume(path, Progress.from_record(state["progress"]), state["run_id"], upgrade_saved(state["config"]),
-                  state["data_fingerprint"], state["world_size"], state.get("forked_from"), state.get("model_config"))
+                  state["data_fingerprint"], state["world_size"], state.get("forked_from"), state.get("model_config"),
+                  data_order=_data_order(state, path))
+
+
+def _data_order(state: dict, path: str) -> str:
+    """The order a checkpoint's batches were drawn in: ORDER_LEGACY where its record predates `data_order`."""
+    data_order = state.get("data_order", ORDER_LEGACY)
+    if data_order not in ORDERS:
+        raise ConfigError(f"the checkpoint {path} draws its batches in the data order {data_order!r}, which this "
+                          f"lmdist does not know (it knows {', '.join(map(repr, ORDERS))}): upgrade lmdist to the "
+                          "version that wrote the checkpoint to continue it")
+    return data_order
 
 
 def is_own_checkpoint(checkpoint_path: str, output_dir: str) -> bool:

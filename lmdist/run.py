@@ -32,6 +32,7 @@ from lmdist.models import build_model, check_buildable, count_parameters, record
 from lmdist.models import describe as describe_model
 from lmdist.models import hf as hf_model
 from lmdist.models.memory import check_attention_memory
+from lmdist.order import ORDER
 from lmdist.profiling import StepProfiler
 from lmdist.resume import (
     Progress,
@@ -56,13 +57,15 @@ class Run:
     def __init__(self, cfg: TrainConfig, accelerator, plan: Plan, progress: Progress, corpus,
                  model, optimizer, scheduler, loss_fn, train_set, train_loader, val_loader,
                  train_meter: TokenMeter, throughput: perf.Throughput, facts: dict, run_id: str,
-                 forked_from: dict | None, resume: Resume | None, n_params: int, model_config: dict | None):
+                 forked_from: dict | None, resume: Resume | None, n_params: int, model_config: dict | None,
+                 data_order: str):
         self.cfg, self.accelerator, self.plan, self.progress, self.corpus = cfg, accelerator, plan, progress, corpus
         self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
         self.train_set, self.train_loader, self.val_loader = train_set, train_loader, val_loader
         self.train_meter, self.throughput, self.facts = train_meter, throughput, facts
         self.run_id, self.forked_from, self.resume, self.n_params = run_id, forked_from, resume, n_params
         self.model_config = model_config  # what checkpoints record of the model beyond cfg (--model hf's config)
+        self.data_order = data_order  # the lmdist.order of the batches, which checkpoints record
         self.guard = StopGuard(use_scaler=accelerator.scaler is not None)
         self.sampler = Sampler(cfg, corpus.tokenizer, accelerator)
         self.log: tracking.RunLog | None = None  # from `with run:` on
@@ -164,8 +167,8 @@ class Run:
             rank_state["stream"] = self.train_set.state()
         record = checkpoint_record(self.cfg, self.progress.normalized(self.plan.steps_per_epoch * self.cfg.grad_accum),
                                    run_id=self.run_id, forked_from=self.forked_from,
-                                   data_fingerprint=self.corpus.fingerprint, val_loss=val_loss,
-                                   model_config=self.model_config)
+                                   data_fingerprint=self.corpus.fingerprint, data_order=self.data_order,
+                                   val_loss=val_loss, model_config=self.model_config)
         with self.throughput.paused():
             path, seconds = checkpoint.save(self.accelerator, self.cfg.output_dir, self.progress.step, model=self.model,
                                             optimizer=self.optimizer, scheduler=self.scheduler, rank_state=rank_state,
@@ -231,6 +234,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     if resume:
         check_same_data(resume, corpus.fingerprint)
     workers = engine.dataloader_workers(cfg, accelerator.device)
+    data_order = resume.data_order if resume else ORDER  # a resumed run draws in its checkpoint's order
     val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
     val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator, cfg.eval_batches, workers)
     if cfg.streaming:  # each rank reads its own part of the stream, packed on the fly
@@ -241,7 +245,8 @@ def setup(cfg: TrainConfig) -> Run | None:
     else:
         train_set = data.PackedSequences(corpus.train, cfg.block_size, keep_partial=False)
         plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
-        train_loader = data.train_loader(train_set, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator, workers)
+        train_loader = data.train_loader(train_set, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator, workers,
+                                         data_order)
     if resume:
         check_within(resume, plan.total_steps)
 
@@ -274,4 +279,4 @@ def setup(cfg: TrainConfig) -> Run | None:
              "forked_from": forked_from}
     return Run(cfg, accelerator, plan, progress, corpus, model, optimizer, scheduler, loss_fn, train_set,
                train_loader, val_loader, train_meter, throughput, facts, run_id, forked_from, resume, n_params,
-               model_config)
+               model_config, data_order)

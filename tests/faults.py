@@ -182,6 +182,20 @@ def record_training_targets(folder: str) -> None:
     lmdist.metrics.next_token_loss = recording_loss
 
 
+def legacy_data_order() -> None:
+    """The launch is an lmdist from before `data_order`: it draws its batches in ORDER_LEGACY and its
+    checkpoints' trainer_state.json has no `data_order`."""
+    import lmdist.run
+    from lmdist.order import ORDER_LEGACY
+
+    record = lmdist.run.checkpoint_record
+
+    def record_of_old(*args, **kwargs):
+        return {k: v for k, v in record(*args, **kwargs).items() if k != "data_order"}
+
+    lmdist.run.ORDER, lmdist.run.checkpoint_record = ORDER_LEGACY, record_of_old
+
+
 def slow_import(module: str, seconds: float = 60) -> None:
     """Start-up held in the import of `module`: prints "starting" there, then sleeps."""
 

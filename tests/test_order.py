@@ -1,17 +1,27 @@
-"""The data order: a seeded bijection of range(n) in constant memory, and the legacy randperm order kept."""
+"""The data order: a seeded bijection of range(n) in constant memory, and checkpoints that keep the order they
+trained in (a record without `data_order` continues in the legacy randperm order, an unknown one is refused)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
+import shutil
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from lmdist import checkpoint
+from lmdist.config import TrainConfig
 from lmdist.data import EpochPermutation
+from lmdist.errors import ConfigError
 from lmdist.order import CHUNK, ORDER, ORDER_LEGACY, chunks
+from lmdist.resume import Progress, checkpoint_record, find_resume
+from tests import faults
+from tests.conftest import equivalence_args, final_weights, read_metrics, run_ok, with_flags
 
 
 def drawn(n: int, seed: int, epoch: int, start: int = 0) -> np.ndarray:
@@ -83,3 +93,61 @@ def test_the_legacy_order_is_the_randperm_of_before():
     today = EpochPermutation(100, 96, seed=5, global_batch=4)
     today.set_epoch(3, skip_batches=5)
     assert list(today) != before
+
+
+def saved_checkpoint(output_dir: Path, record: dict) -> None:
+    """output_dir's step-5 checkpoint with trainer_state.json `record` (stand-in weights: only hashes are read)."""
+    path = Path(checkpoint.step_dir(str(output_dir), 5))
+    path.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
+        (path / name).write_bytes(name.encode())
+    (path / checkpoint.STATE).write_text(json.dumps({**record, "world_size": 1}))
+    checkpoint.write_manifest(str(path), [*os.listdir(path)], 5)
+
+
+def record(cfg: TrainConfig, data_order: str) -> dict:
+    return checkpoint_record(cfg, Progress(step=5), run_id="r", forked_from=None, data_fingerprint="f",
+                             data_order=data_order, val_loss=None)
+
+
+@pytest.mark.parametrize("data_order", [ORDER, ORDER_LEGACY, None])  # None: a record from before data_order
+def test_a_checkpoint_resumes_in_the_order_it_records(tmp_path, data_order):
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    saved = record(cfg, data_order)
+    if data_order is None:
+        del saved["data_order"]
+    saved_checkpoint(tmp_path, saved)
+    assert find_resume(cfg, say=print).data_order == (data_order or ORDER_LEGACY)
+
+
+def test_an_unknown_data_order_is_refused_naming_it_and_the_fix(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    saved_checkpoint(tmp_path, record(cfg, "feistel-v9"))
+    with pytest.raises(ConfigError, match=r"the data order 'feistel-v9', which this lmdist does not know .*: "
+                                          r"upgrade lmdist") as refused:
+        find_resume(cfg, say=print)
+    assert refused.value.exit_code == 2
+
+
+@pytest.mark.launch
+def test_an_old_runs_checkpoint_continues_in_its_legacy_order(markov_files, tmp_path):
+    """A run of an lmdist from before data_order (randperm, nothing recorded), continued by this lmdist from its
+    step-10 checkpoint (mid-epoch), ends as the old run did: every later loss bitwise, the same final weights;
+    the checkpoints it writes record the legacy order."""
+    args = with_flags(equivalence_args(markov_files), "--batch_size", "8", "--save_every", "5", "--keep_last", "4")
+    old = tmp_path / "old"
+    run_ok([*args, "--output_dir", str(old)], cwd=tmp_path, script=faults.SCRIPT,
+           env=faults.inject(faults.legacy_data_order))
+    saved = Path(checkpoint.step_dir(str(old), 10))
+    assert "data_order" not in json.loads((saved / checkpoint.STATE).read_text())
+    continued = tmp_path / "continued"
+    shutil.copytree(saved, checkpoint.step_dir(str(continued), 10))
+    shutil.copytree(old / "tokenizer", continued / "tokenizer")
+    run_ok([*args, "--output_dir", str(continued)], cwd=tmp_path)
+    want = {r["step"]: r["train/loss"] for r in read_metrics(old) if "train/loss" in r and r["step"] > 10}
+    got = {r["step"]: r["train/loss"] for r in read_metrics(continued) if "train/loss" in r}
+    assert sorted(got) == list(range(11, 17)) and got == want
+    a, b = final_weights(continued), final_weights(old)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = json.loads((Path(checkpoint.step_dir(str(continued), 16)) / checkpoint.STATE).read_text())
+    assert last["data_order"] == ORDER_LEGACY

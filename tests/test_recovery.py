@@ -13,6 +13,7 @@ import torch
 
 from lmdist import checkpoint
 from lmdist.config import TrainConfig
+from lmdist.order import ORDER
 from lmdist.resume import Progress, checkpoint_record, find_resume
 from tests import wandb_file
 from tests.conftest import TINY_GPT, read_metrics, read_run, run_ok
@@ -37,7 +38,7 @@ def training():
 def save(training, folder: Path, step: int, keep_last: int = 10) -> str:
     accelerator, model, optimizer, scheduler = training
     record = checkpoint_record(TrainConfig(), Progress(step=step), run_id="run", forked_from=None,
-                               data_fingerprint="data", val_loss=None)
+                               data_fingerprint="data", data_order=ORDER, val_loss=None)
     path, _ = checkpoint.save(accelerator, str(folder), step, model=model, optimizer=optimizer, scheduler=scheduler,
                               rank_state={"meter": torch.zeros(3)}, record=record, keep_last=keep_last, keep_best=False)
     return path
