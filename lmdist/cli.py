@@ -253,7 +253,7 @@ def train(flags: list[str]) -> None:
 PREPARE_SUMMARY = ("Tokenize a run's data into prepared token shards ahead of training, with train.py's flags "
                    "(e.g. in a CPU job before the GPU job).")
 # the fields that decide which prepared shards a run reads (lmdist.shards' key), shown in `prepare`'s hint
-DATA_FIELDS = ("dataset", "dataset_config", "val_dataset", "val_fraction", "text_column", "tokenizer",
+DATA_FIELDS = ("dataset", "mixture", "dataset_config", "val_dataset", "val_fraction", "text_column", "tokenizer",
                "bpe_vocab_size", "bpe_sample_bytes", "min_freq", "streaming", "cache_dir", "tokens_dir")
 
 
@@ -266,23 +266,26 @@ def prepare(flags: list[str]) -> None:
     from lmdist.sources import warn
 
     cfg = load_config(flags, prog="lmdist prepare")
-    for spec in filter(None, (cfg.dataset, cfg.val_dataset)):
+    for spec in data.data_specs(cfg):
         data.check_source(spec)
     data.quiet_progress_bars(True)
-    prepared = shards.prepare(cfg, warn, True, with_train=not cfg.streaming)
+    corpus = data.open_corpus(cfg, warn, True)
+    for folder in corpus.prepared:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            splits = json.load(f)["splits"]
+        disk = sum(os.path.getsize(os.path.join(folder, shard["file"])) for split in splits.values()
+                   for shard in split["shards"])
+        tokens = sum(split["tokens"] for split in splits.values())
+        print(f"prepared: {folder}")
+        print("  " + ", ".join(f"{name} {split['tokens']:,} tokens in {split['documents']:,} documents"
+                               for name, split in splits.items())
+              + f"; {corpus.tokenizer.kind} tokenizer (vocab {corpus.tokenizer.vocab_size}); "
+              f"{disk / max(1, tokens):.2f} bytes/token on disk")
     defaults = TrainConfig()
     shown = {name: getattr(cfg, name) for name in DATA_FIELDS
-             if name in ("dataset", "tokenizer") or getattr(cfg, name) != getattr(defaults, name)}
+             if name in ("tokenizer", "dataset" if cfg.mixture is None else "mixture")
+             or getattr(cfg, name) != getattr(defaults, name)}
     shown["tokens_dir"] = shards.tokens_root(cfg)
-    splits = prepared.manifest["splits"]
-    disk = sum(os.path.getsize(os.path.join(prepared.path, shard["file"])) for split in splits.values()
-               for shard in split["shards"])
-    tokens = sum(split["tokens"] for split in splits.values())
-    print(f"prepared: {prepared.path}")
-    print("  " + ", ".join(f"{name} {split['tokens']:,} tokens in {split['documents']:,} documents"
-                           for name, split in splits.items())
-          + f"; {prepared.tokenizer.kind} tokenizer (vocab {prepared.tokenizer.vocab_size}); "
-          f"{disk / max(1, tokens):.2f} bytes/token on disk")
     print("train on it with these flags (and any others):")
     print("  " + " ".join(f"--{name} {shlex.quote(str(value))}" for name, value in shown.items()), flush=True)
 

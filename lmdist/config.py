@@ -76,6 +76,7 @@ class TrainConfig:
     vocab_multiple: int = _f(1, "round the model's vocabulary (embedding and output rows) up to a multiple of this: 64 suits GPU tensor cores (GPT-2's 50257 -> 50304); the extra rows are never targets and never sampled", "model")
     # data
     dataset: str = _f("builtin", "`builtin` (bundled corpus, no download), a local json/jsonl/csv/parquet or text file (any other file without NUL bytes: .txt, .md, .py, ...), folder or glob, a `save_to_disk` folder, or a hub dataset name", "data")
+    mixture: str | None = _f(None, "train on several sources in proportion instead of `dataset`: a YAML file listing {dataset, weight, name, text_column, dataset_config}, or inline `SPEC:WEIGHT,SPEC:WEIGHT`; each source keeps its own validation split, reported as val/<name>/loss", "data")
     dataset_config: str | None = _f(None, "hub dataset configuration name (e.g. `wikitext-2-raw-v1`)", "data")
     text_column: str = _f("text", "column holding the text", "data")
     val_dataset: str | None = _f(None, "validation data (same forms as `dataset`); default: the source's `validation` (or `valid`, or `test`) split, else the last val_fraction of the training data", "data")
@@ -308,6 +309,13 @@ def validate(cfg: TrainConfig) -> None:
     # numpy's seed range, checked here so that every rank refuses it (numpy would fail on rank 1 alone)
     need(0 <= cfg.seed <= 2**32 - 1, "seed", "must be between 0 and 2**32 - 1 (4294967295)")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1")
+    if cfg.mixture is not None:
+        from lmdist.mixture import parse_mixture
+
+        parse_mixture(cfg.mixture)
+        need(cfg.dataset == "builtin", "mixture", "replaces --dataset: give one of them (a mixture lists its datasets)")
+        need(cfg.val_dataset is None, "mixture", "validates each source on its own split: drop --val_dataset")
+        need(not cfg.streaming, "mixture", "reads prepared shards: drop --streaming true")
     need(cfg.bpe_sample_bytes >= 1, "bpe_sample_bytes", "must be at least 1")
     need(cfg.bpe_vocab_size >= 260, "bpe_vocab_size", "must be at least 260 (byte-level BPE starts from 256 bytes)")
     need(cfg.lr >= 0, "lr", "must be non-negative")

@@ -22,13 +22,13 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from lmdist import order, shards, stopping
+from lmdist import mixture, order, shards, stopping
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
 from lmdist.order import ORDER
@@ -39,15 +39,26 @@ IGNORE_INDEX = -100  # target value for padding: no loss, no accuracy, not count
 
 
 @dataclass
+class MixedSource:
+    """One source of a mixture, tokenized: its part of the training and validation tokens."""
+
+    source: mixture.Source
+    train: TokenStream
+    val: TokenStream
+
+
+@dataclass
 class Corpus:
-    """The tokenized training and validation streams, and what produced them."""
+    """The tokenized training and validation streams, and what produced them. A mixture's `train` and `val` are
+    its sources' streams one after the other; `sources` holds each on its own."""
 
     train: TokenStream | None  # None when streaming
     val: TokenStream
     tokenizer: Tokenizer
     fingerprint: str
     source: dict
-    prepared: str = ""  # the folder of the prepared token shards
+    prepared: list[str] = field(default_factory=list)  # the folders of the prepared token shards
+    sources: list[MixedSource] | None = None  # a mixture's sources
 
     def describe(self) -> str:
         """One line for the console: where the text came from, the tokenizer, the sizes, the fingerprint."""
@@ -55,7 +66,7 @@ class Corpus:
         train = "streamed" if self.train is None else f"{self.train.n_tokens:,}"
         return (f"{source}; tokenizer {self.tokenizer.kind} (vocab {self.tokenizer.vocab_size}); "
                 f"{train} train / {self.val.n_tokens:,} val tokens; fingerprint {self.fingerprint}"
-                + (f"; tokens in {self.prepared}" if self.prepared else ""))
+                + (f"; tokens in {', '.join(self.prepared)}" if self.prepared else ""))
 
 
 def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool,
@@ -66,7 +77,7 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
     With `reuse_tokenizer` (a resumed run) every rank tokenizes with the tokenizer saved in output_dir. Warnings
     about the data (bytes that are not UTF-8, rows without text, files left out) come from the main process only.
     """
-    for spec in filter(None, (cfg.dataset, cfg.val_dataset)):
+    for spec in data_specs(cfg):
         check_source(spec)  # on every rank, before any collective: a bad path fails everywhere at once
     quiet_progress_bars(is_main)
     say = warn if is_main else _silent
@@ -75,21 +86,72 @@ def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], objec
         os.path.join(tokenizer_dir, "lmdist_tokenizer.json")) else None
 
     def build() -> Corpus:
-        prepared = shards.prepare(cfg, say, is_main, tokenizer=saved, with_train=not cfg.streaming)
-        tokenizer = prepared.tokenizer
+        corpus = open_corpus(cfg, say, is_main, saved)
         if is_main and saved is None:
-            tokenizer.save(tokenizer_dir)
-        if tokenizer.eos_id is None:
-            say(missing_eos_warning(cfg.tokenizer, tokenizer))
-        train = TokenStream(prepared.streams["train"]) if "train" in prepared.streams else None
-        val = TokenStream(prepared.streams["val"])
-        for name, stream in (("training", train), ("validation", val)):
-            if stream is not None and stream.n_tokens < 2:
-                raise DataError(f"the {name} split of {cfg.dataset!r} has {stream.n_tokens} tokens: not enough text")
-        source = prepared.manifest["source"]
-        return Corpus(train, val, tokenizer, _fingerprint(source, tokenizer, train, val), source, prepared.path)
+            corpus.tokenizer.save(tokenizer_dir)
+        return corpus
 
     return main_process_first(build)
+
+
+def data_specs(cfg: TrainConfig) -> list[str]:
+    """Every dataset spec the run reads."""
+    if cfg.mixture:
+        return [source.dataset for source in mixture.parse_mixture(cfg.mixture)]
+    return list(filter(None, (cfg.dataset, cfg.val_dataset)))
+
+
+def open_corpus(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokenizer: Tokenizer | None = None
+                ) -> Corpus:
+    """The corpus of `cfg`, prepared first where it is not (`lmdist prepare` stops here)."""
+    if cfg.mixture:
+        return _open_mixture(cfg, say, is_main, tokenizer)
+    prepared = shards.prepare(cfg, say, is_main, tokenizer=tokenizer, with_train=not cfg.streaming)
+    train = TokenStream(prepared.streams["train"]) if "train" in prepared.streams else None
+    val = TokenStream(prepared.streams["val"])
+    _check_sizes(cfg.dataset, train, val)
+    if prepared.tokenizer.eos_id is None:
+        say(missing_eos_warning(cfg.tokenizer, prepared.tokenizer))
+    source = prepared.manifest["source"]
+    return Corpus(train, val, prepared.tokenizer, _fingerprint(source, prepared.tokenizer, train, val), source,
+                  [prepared.path])
+
+
+def _open_mixture(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokenizer: Tokenizer | None) -> Corpus:
+    sources = mixture.parse_mixture(cfg.mixture)
+    configs = [mixture_source_config(cfg, source) for source in sources]
+    if tokenizer is None:
+        tokenizer = shards.mixture_tokenizer(cfg, configs, [s.weight for s in sources], say, is_main)
+    parts, folders, digest = [], [], hashlib.sha256()
+    for source, source_cfg in zip(sources, configs, strict=True):
+        prepared = shards.prepare(source_cfg, say, is_main, tokenizer=tokenizer)
+        tokenizer = prepared.tokenizer  # byte or a folder: the same for every source
+        train, val = TokenStream(prepared.streams["train"]), TokenStream(prepared.streams["val"])
+        _check_sizes(source.dataset, train, val)
+        parts.append(MixedSource(source, train, val))
+        folders.append(prepared.path)
+        fingerprint = _fingerprint(prepared.manifest["source"], tokenizer, train, val)
+        digest.update(f"{source.name}:{source.weight!r}:{fingerprint};".encode())
+    if tokenizer.eos_id is None:
+        say(missing_eos_warning(cfg.tokenizer, tokenizer))
+    train = TokenStream([p for part in parts for p in part.train.parts])
+    val = TokenStream([p for part in parts for p in part.val.parts])
+    source = {"mixture": cfg.mixture, "sources": ", ".join(f"{s.name} ({s.dataset}, weight {s.weight:g})"
+                                                           for s in sources)}
+    return Corpus(train, val, tokenizer, digest.hexdigest()[:16], source, folders, parts)
+
+
+def mixture_source_config(cfg: TrainConfig, source: mixture.Source) -> TrainConfig:
+    """The config that prepares one source of a mixture: the run's, with the source's dataset and columns."""
+    return replace(cfg, mixture=None, dataset=source.dataset, val_dataset=None,
+                   text_column=source.text_column or cfg.text_column,
+                   dataset_config=source.dataset_config or cfg.dataset_config)
+
+
+def _check_sizes(name: str, train: TokenStream | None, val: TokenStream) -> None:
+    for split, stream in (("training", train), ("validation", val)):
+        if stream is not None and stream.n_tokens < 2:
+            raise DataError(f"the {split} split of {name!r} has {stream.n_tokens} tokens: not enough text")
 
 
 def _silent(message: str) -> None:
@@ -329,6 +391,17 @@ def train_loader(sequences: PackedSequences, batch_size: int, grad_accum: int, s
     global_batch = batch_size * accelerator.num_processes
     micro_batches = len(sequences) // global_batch // grad_accum * grad_accum
     sampler = EpochPermutation(len(sequences), micro_batches * global_batch, seed, global_batch, data_order)
+    return BatchLoader(sequences, BatchSampler(sampler, global_batch, drop_last=True), accelerator, num_workers)
+
+
+def mixture_train_loader(sequences: mixture.MixedSequences, sources: list[mixture.Source], batch_size: int,
+                         grad_accum: int, seed: int, accelerator, num_workers: int = 0) -> BatchLoader:
+    """A mixture's global batches (lmdist.mixture's order); an epoch is as many whole optimizer steps as all its
+    sources' sequences fill."""
+    global_batch = batch_size * accelerator.num_processes
+    mixture.check_batch(sources, global_batch)
+    micro_batches = len(sequences) // global_batch // grad_accum * grad_accum
+    sampler = mixture.MixtureOrder(sequences, sources, seed, global_batch, micro_batches)
     return BatchLoader(sequences, BatchSampler(sampler, global_batch, drop_last=True), accelerator, num_workers)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from lmdist import checkpoint, data, engine, export, samples, shards, sources
+from lmdist import checkpoint, data, engine, export, samples, sources
 from lmdist.config import TrainConfig, make_config, upgrade_saved
 from lmdist.errors import ConfigError, DataError
 from lmdist.metrics import evaluate
@@ -66,9 +66,7 @@ def evaluate_saved(folder: str, dataset: str | None, split: str | None, batch_si
     data.quiet_progress_bars(accelerator.is_main_process)
     if dataset is None:  # the run's own prepared shards, prepared anew with its tokenizer where they are gone
         say = sources.warn if accelerator.is_main_process else lambda message: None
-        prepared = shards.prepare(cfg, say, accelerator.is_main_process, tokenizer=saved.tokenizer,
-                                  with_train=not cfg.streaming)
-        tokens = data.TokenStream(prepared.streams["val"])
+        tokens = data.open_corpus(cfg, say, accelerator.is_main_process, saved.tokenizer).val
     else:
         sources.check_source(dataset)
         rows = sources.pick_split(sources.load_dataset_dict(dataset, cfg), (split,) if split else sources.EVAL_SPLITS,

@@ -68,12 +68,19 @@ class TokenMeter:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, accelerator) -> dict[str, float]:
-    """val/loss, val/ppl, val/acc over the loader (every token once, all ranks together)."""
+def evaluate(model: torch.nn.Module, loaders, accelerator) -> dict[str, float]:
+    """val/loss, val/ppl, val/acc over the loader (every token once, all ranks together); given a dict of named
+    loaders (a mixture's sources), over all of them, and val/<name>/loss, ppl and acc of each."""
+    named = loaders if isinstance(loaders, dict) else {None: loaders}
     was_training = model.training
     model.eval()
-    meter = TokenMeter(accelerator.device)
-    for inputs, targets in loader:
-        meter.update(model(inputs), targets)
+    total, each = TokenMeter(accelerator.device), {}
+    for name, loader in named.items():
+        meter = TokenMeter(accelerator.device)
+        for inputs, targets in loader:
+            meter.update(model(inputs), targets)
+        total.sums += meter.sums
+        if name is not None:
+            each.update(meter.compute(accelerator, f"val/{name}"))
     model.train(was_training)
-    return meter.compute(accelerator, "val")
+    return {**total.compute(accelerator, "val"), **each}

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lmdist import checkpoint, data, engine, export, optim, perf, rundir, streaming, trackers, tracking
+from lmdist import checkpoint, data, engine, export, mixture, optim, perf, rundir, streaming, trackers, tracking
 from lmdist.config import TrainConfig
 from lmdist.metrics import TokenMeter
 from lmdist.metrics import evaluate as evaluate_on
@@ -228,16 +228,27 @@ def setup(cfg: TrainConfig) -> Run | None:
     peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
-    # Data: the main process tokenizes first, the others reuse its cache.
+    # Data: the main process prepares the token shards when there are none, then every rank opens them.
     corpus = data.load_corpus(cfg, lambda build: engine.main_process_first(accelerator, build),
                               accelerator.is_main_process, reuse_tokenizer=resume is not None)
     if resume:
         check_same_data(resume, corpus.fingerprint)
     workers = engine.dataloader_workers(cfg, accelerator.device)
     data_order = resume.data_order if resume else ORDER  # a resumed run draws in its checkpoint's order
-    val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
-    val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator, cfg.eval_batches, workers)
-    if cfg.streaming:  # each rank reads its own part of the stream, packed on the fly
+    if corpus.sources:  # a mixture: each source's validation on its own, and its sequences drawn by weight
+        val_loader = {part.source.name: data.eval_loader(data.PackedSequences(part.val, cfg.block_size, True),
+                                                         cfg.batch_size, accelerator, cfg.eval_batches, workers)
+                      for part in corpus.sources}
+    else:
+        val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
+        val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator, cfg.eval_batches, workers)
+    if corpus.sources:
+        train_set = mixture.MixedSequences([data.PackedSequences(part.train, cfg.block_size, keep_partial=False)
+                                            for part in corpus.sources])
+        plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
+        train_loader = data.mixture_train_loader(train_set, [part.source for part in corpus.sources],
+                                                 cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator, workers)
+    elif cfg.streaming:  # each rank reads its own part of the stream, packed on the fly
         stream = streaming.open_stream(cfg, accelerator.process_index, accelerator.num_processes)
         train_set = streaming.StreamedSequences(stream, corpus.tokenizer, cfg.text_column, cfg.block_size)
         train_loader = streaming.StreamLoader(train_set, cfg.batch_size, accelerator.device)

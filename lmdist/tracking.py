@@ -19,7 +19,7 @@ import uuid
 from contextlib import suppress
 from urllib.parse import urlparse
 
-from lmdist import files, samples, trackers
+from lmdist import files, mixture, samples, trackers
 from lmdist.config import TrainConfig
 from lmdist.console import Console, format_final
 from lmdist.data import Corpus
@@ -383,6 +383,10 @@ class RunLog:
                    f"{f' over {plan.epochs} epoch' + 's' * (plan.epochs > 1) if plan.sequences else ''}, "
                    f"{parameters:,} parameters")
         self.print(f"data: {corpus.describe()}")
+        if corpus.sources:
+            self.print(mixture.describe([part.source for part in corpus.sources],
+                                        [part.train.n_tokens for part in corpus.sources],
+                                        plan.steps_per_epoch * plan.tokens_per_step))
         if plan.sequences_dropped:
             self.print(f"dropping {plan.sequences_dropped} of {plan.sequences} training sequences each epoch "
                        "(too few to fill one more optimizer step on every rank)")
