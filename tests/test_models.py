@@ -61,12 +61,15 @@ def test_bf16_autocast_on_cpu_trains_on_any_cpu(model):
 
 # sha256 prefixes of the gpt2-style GPT's initial state dict and of its gradients on a fixed batch, recorded from
 # lmdist's GPT before the styles existed (c5ac202, torch 2.13.0): tied, and untied.
-GPT2_BEFORE_STYLES = {True: ("a706aea9fdd7943d", "709c8be07fa93154", 3.769435405731201),
-                      False: ("fdaa69e2a6dd0d5c", "62582bde4ee107d7", 4.187404155731201)}
+# Measured with the code before GPT styles (6571c9b^): its weights bit for bit; its loss and gradients equal
+# this model's bit for bit on one machine at 1 and 2 threads, but their last bits move with the CPU's kernels
+# and the thread count, so those are compared to 1e-6 (a changed layer moves them by far more).
+GPT2_BEFORE_STYLES = {True: ("a706aea9fdd7943d", 3.769435405731201, 1.9802436737508542, 0.991812466636139),
+                      False: ("fdaa69e2a6dd0d5c", 4.187404155731201, 2.4275362497500956, -0.541665039682358)}
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_the_gpt2_style_is_the_gpt_before_styles_bit_for_bit(tied):
+def test_the_gpt2_style_is_the_gpt_before_styles(tied):
     """Same parameter names, same initial weights for a seed, same loss and gradients: old checkpoints and
     exports load and old runs resume."""
     torch.manual_seed(0)
@@ -79,10 +82,13 @@ def test_the_gpt2_style_is_the_gpt_before_styles_bit_for_bit(tied):
     idx = torch.randint(0, 65, (2, 16))
     loss = F.cross_entropy(net.train()(idx).flatten(0, 1), idx.flatten())  # dropout's draws included
     loss.backward()
-    grads = hashlib.sha256()
-    for p in net.parameters():
-        grads.update(p.grad.numpy().tobytes())
-    assert (weights.hexdigest()[:16], grads.hexdigest()[:16], loss.item()) == GPT2_BEFORE_STYLES[tied]
+    grads = torch.cat([p.grad.flatten() for p in net.parameters()]).double()
+    direction = torch.randn(grads.numel(), generator=torch.Generator().manual_seed(2)).double()
+    want_weights, want_loss, want_norm, want_projection = GPT2_BEFORE_STYLES[tied]
+    assert weights.hexdigest()[:16] == want_weights
+    assert loss.item() == pytest.approx(want_loss, rel=1e-6)
+    assert grads.norm().item() == pytest.approx(want_norm, rel=1e-6)
+    assert (grads @ direction).item() == pytest.approx(want_projection, rel=1e-6)
 
 
 def test_rope_scores_depend_only_on_the_offset():
