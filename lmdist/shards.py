@@ -153,7 +153,11 @@ def prepare(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokeniz
         if found is not None:
             return _replayed(found, say)
         _build(cfg, path, identity, tokenizer, with_train, say, is_main)  # says the warnings as it reads
-        return _open(path)
+        prepared = _open(path)
+    if prepared is None:  # removed between its rename and this opening: by another job or a clean-up
+        raise DataError(f"the prepared tokens at {path} were removed as soon as they were made: something else "
+                        "deletes folders in the tokens_dir; give this run a --tokens_dir of its own and relaunch")
+    return prepared
 
 
 def _silent(message: str) -> None:

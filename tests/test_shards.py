@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from lmdist import launch as lmdist_launch
 from lmdist import shards
 from lmdist.config import TrainConfig
+from lmdist.errors import DataError
 from lmdist.tokenizer import ByteTokenizer
 from tests import faults
 from tests.conftest import TINY_GPT, launch
@@ -128,6 +130,20 @@ def test_a_warm_opening_reads_no_text_and_repeats_the_warnings(tmp_path, monkeyp
     again = []
     second = shards.prepare(cfg, again.append, True)
     assert second.path == first.path and again == [m for m in said if not m.startswith("prepared")]
+
+
+def test_a_preparation_removed_as_soon_as_made_is_a_data_error(tmp_path, monkeypatch):
+    """Another job cleaning the tokens_dir between the rename and the opening: an error naming the fix, not None."""
+    write_text(tmp_path / "a.txt", 50)
+    real_build = shards._build
+
+    def build_then_lose(cfg, path, *args):
+        real_build(cfg, path, *args)
+        shutil.rmtree(path)
+
+    monkeypatch.setattr(shards, "_build", build_then_lose)
+    with pytest.raises(DataError, match="--tokens_dir of its own"):
+        shards.prepare(cfg_for(tmp_path, tmp_path / "a.txt"), print, True)
 
 
 def test_a_resumed_run_s_tokenizer_finds_the_spec_s_preparation(tmp_path):
