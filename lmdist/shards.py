@@ -435,9 +435,9 @@ def training_sample(units: list, datasets_: dict, cfg: TrainConfig) -> Iterator[
         share = limit / rows.data.nbytes
         keep = np.random.default_rng(SAMPLE_SEED).random(len(batches)) < share
         batches = [start for start, kept in zip(batches, keep, strict=True) if kept]
+    texts = rows.select_columns([cfg.text_column])  # once, not a new Dataset view per batch
     for start in batches:
-        yield from filter(None, map(as_text, rows.select_columns([cfg.text_column])[start: start + batch]
-                                                [cfg.text_column]))
+        yield from filter(None, map(as_text, texts[start: start + batch][cfg.text_column]))
 
 
 # ----------------------------------------------------------------------------- tokenizing in parallel
