@@ -33,12 +33,18 @@ def losses_by_step(output_dir) -> dict[int, float]:
     return {row["step"]: row["train/loss"] for row in read_metrics(output_dir) if "train/loss" in row}
 
 
-def assert_same_training(run, reference, rtol=1e-5):
-    """Per-step train/loss to rtol, and every parameter tensor to rtol in norm: ||a - b|| <= rtol ||b||.
+def assert_same_training(run, reference, rtol=1e-5, weights_rtol=None):
+    """Per-step train/loss to rtol, and every parameter tensor to weights_rtol (default 10 x rtol) in norm:
+    ||a - b|| <= weights_rtol ||b||.
 
     (Element-wise rtol is meaningless for weights near zero: Adam divides their rounding noise by an
-    equally tiny second moment. Two copies or a different batch order miss this by orders of magnitude.)
+    equally tiny second moment.) The weights get the wider tolerance because 16 Adam steps amplify a
+    gradient's rounding (summed in another order by another micro-batch size) where the losses do not:
+    micro-batches of 2 moved the equivalence GPT's weights by 1.6e-5 here and 1.1e-5 on an AVX-512 runner,
+    batches of 4 or 8 by 1e-6, while every per-step loss stayed within 2e-7. Another batch order moves the
+    losses by 3e-4 from step 2 and the median parameter by 3e-1, far outside both.
     """
+    weights_rtol = 10 * rtol if weights_rtol is None else weights_rtol
     got, want = losses_by_step(run), losses_by_step(reference)
     assert len(want) >= 10 and sorted(got) == sorted(want)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=rtol)
@@ -46,7 +52,7 @@ def assert_same_training(run, reference, rtol=1e-5):
     assert a.keys() == b.keys()
     for name in a:
         difference = (a[name] - b[name]).norm().item()
-        assert difference <= rtol * b[name].norm().item(), f"parameter {name} differs by {difference:.2e}"
+        assert difference <= weights_rtol * b[name].norm().item(), f"parameter {name} differs by {difference:.2e}"
 
 
 @pytest.mark.parametrize("name", ["torchrun_b4", "accelerate_b2x2", "config_b4"])
@@ -77,10 +83,12 @@ def muon_runs(markov_files, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", ["torchrun_b4", "accum_b4x2"])
 def test_muon_on_two_ranks_or_accumulated_trains_the_one_process_model(muon_runs, name):
-    """To 1e-4, not 1e-5: Newton-Schulz's quintic has slope 3.4445 at zero, so five iterations magnify a gradient's
-    rounding differences (summed in another order by another world size) about 500x in its weakest directions.
-    Another batch order or a lost micro-batch moves the weights by 1e-1 and more."""
-    assert_same_training(muon_runs[name], muon_runs["one_b8"], rtol=1e-4)
+    """Losses to 1e-4 and weights to 2e-2, not 1e-5: torch.optim.Muon orthogonalizes in bfloat16, so a gradient's
+    fp32 rounding (summed in another order by another batch size) flips bf16 roundings (2**-8) of the update,
+    and Newton-Schulz's quintic (slope 3.4445 at zero) magnifies them. Measured: 1.2e-5 on this AVX2 machine,
+    4.6e-3 on an AVX-512/AMX runner (native bf16 kernels), with losses within 1e-4 on both. Another batch order
+    moves the losses by 2e-3 to 2e-2 from step 4 and the median parameter by 4e-1."""
+    assert_same_training(muon_runs[name], muon_runs["one_b8"], rtol=1e-4, weights_rtol=2e-2)
 
 
 def test_the_plan_says_which_optimizer_trains_what_and_the_phases(muon_runs):
@@ -171,7 +179,7 @@ def test_compiled_model_trains_the_eager_model(equivalence_runs, markov_files, t
     """--compile: the same losses and weights up to kernel rounding, and the same parameter names."""
     out = tmp_path / "compiled"
     run_ok([*equivalence_args(markov_files), "--batch_size", "8", "--compile", "--output_dir", str(out)], cwd=tmp_path)
-    assert_same_training(out, equivalence_runs["one_b8"], rtol=1e-3)
+    assert_same_training(out, equivalence_runs["one_b8"], rtol=1e-3, weights_rtol=1e-3)
     # Really compiled: generated kernels round differently from eager ones, which repeat bitwise.
     assert losses_by_step(out) != losses_by_step(equivalence_runs["one_b8"])
 
