@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmdist import config, data, launch, optim
+from lmdist import config, launch, optim, token_streams
 from lmdist.models import build_model
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     launch.tune_host_allocator()  # the process settings lmdist makes, so that the loops alone are compared
     torch.set_num_threads(launch.threads_per_process(cfg))
     torch.manual_seed(cfg.seed)
-    corpus = data.load_corpus(cfg, lambda build: build(), is_main=True)
+    corpus = token_streams.load_corpus(cfg, lambda build: build(), is_main=True)
     tokens = torch.from_numpy(corpus.train.slice(0, corpus.train.n_tokens).astype("int64"))
 
     model = build_model(cfg, corpus.tokenizer.vocab_size)

@@ -261,15 +261,15 @@ def prepare(flags: list[str]) -> None:
     """Prepare the token shards of the run these flags describe, then print the flags that find them again."""
     import shlex
 
-    from lmdist import data, shards
+    from lmdist import shards, token_streams
     from lmdist.config import TrainConfig, load_config
     from lmdist.sources import warn
 
     cfg = load_config(flags, prog="lmdist prepare")
-    for spec in data.data_specs(cfg):
-        data.check_source(spec)
-    data.quiet_progress_bars(True)
-    corpus = data.open_corpus(cfg, warn, True)
+    for spec in token_streams.data_specs(cfg):
+        token_streams.check_source(spec)
+    token_streams.quiet_progress_bars(True)
+    corpus = token_streams.open_corpus(cfg, warn, True)
     for folder in corpus.prepared:
         with open(os.path.join(folder, "manifest.json")) as f:
             splits = json.load(f)["splits"]

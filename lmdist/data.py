@@ -1,7 +1,4 @@
-"""Tokens in, batches out: open the prepared token shards, pack them into sequences, sample batches.
-
-The shards come from lmdist.shards (tokenized once, content-addressed, memory-mapped), their text from
-lmdist.sources. The end-of-text token follows each document's last row.
+"""Tokens in, batches out: pack a run's token streams (lmdist.token_streams) into sequences, sample batches.
 
 Packing keeps the whole token stream: sequence i is tokens[i*T : i*T + T + 1], its first T tokens
 the input and its last T the targets (the lesson's batchify). Consecutive sequences share one token,
@@ -12,230 +9,23 @@ Batches are drawn the way one big process would draw them: one seeded permutatio
 Feistel bijection, computed a chunk of positions at a time: constant memory whatever the corpus, and a resumed
 epoch starts at its position), cut into global batches of world_size * batch_size sequences, of which each
 rank takes its contiguous slice. So 2 ranks x batch b see exactly the batches of 1 process x batch 2b.
+A mixture's batches follow lmdist.mixture's order instead, over its sources' sequences as one index space.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
-import os
 import signal
-import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from lmdist import mixture, order, shards, stopping
-from lmdist.config import TrainConfig
-from lmdist.errors import DataError
+from lmdist import mixture, order, stopping
 from lmdist.order import ORDER
-from lmdist.sources import CONTINUES, as_text, check_source, rows_per_batch, warn
-from lmdist.tokenizer import Tokenizer, encode_arrays, load_tokenizer
+from lmdist.token_streams import TokenStream
 
 IGNORE_INDEX = -100  # target value for padding: no loss, no accuracy, not counted
-
-
-@dataclass
-class MixedSource:
-    """One source of a mixture, tokenized: its part of the training and validation tokens."""
-
-    source: mixture.Source
-    train: TokenStream
-    val: TokenStream
-
-
-@dataclass
-class Corpus:
-    """The tokenized training and validation streams, and what produced them. A mixture's `train` and `val` are
-    its sources' streams one after the other; `sources` holds each on its own."""
-
-    train: TokenStream | None  # None when streaming
-    val: TokenStream
-    tokenizer: Tokenizer
-    fingerprint: str
-    source: dict
-    prepared: list[str] = field(default_factory=list)  # the folders of the prepared token shards
-    sources: list[MixedSource] | None = None  # a mixture's sources
-
-    def describe(self) -> str:
-        """One line for the console: where the text came from, the tokenizer, the sizes, the fingerprint."""
-        source = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in self.source.items())
-        train = "streamed" if self.train is None else f"{self.train.n_tokens:,}"
-        return (f"{source}; tokenizer {self.tokenizer.kind} (vocab {self.tokenizer.vocab_size}); "
-                f"{train} train / {self.val.n_tokens:,} val tokens; fingerprint {self.fingerprint}"
-                + (f"; tokens in {', '.join(self.prepared)}" if self.prepared else ""))
-
-
-def load_corpus(cfg: TrainConfig, main_process_first: Callable[[Callable], object], is_main: bool,
-                reuse_tokenizer: bool = False) -> Corpus:
-    """The prepared token shards of the data (lmdist.shards), prepared now by the main process when there are none,
-    then opened by the others.
-
-    With `reuse_tokenizer` (a resumed run) every rank tokenizes with the tokenizer saved in output_dir. Warnings
-    about the data (bytes that are not UTF-8, rows without text, files left out) come from the main process only.
-    """
-    for spec in data_specs(cfg):
-        check_source(spec)  # on every rank, before any collective: a bad path fails everywhere at once
-    quiet_progress_bars(is_main)
-    say = warn if is_main else _silent
-    tokenizer_dir = os.path.join(cfg.output_dir, "tokenizer")
-    saved = load_tokenizer(tokenizer_dir) if reuse_tokenizer and os.path.exists(
-        os.path.join(tokenizer_dir, "lmdist_tokenizer.json")) else None
-
-    def build() -> Corpus:
-        corpus = open_corpus(cfg, say, is_main, saved)
-        if is_main and saved is None:
-            corpus.tokenizer.save(tokenizer_dir)
-        return corpus
-
-    return main_process_first(build)
-
-
-def data_specs(cfg: TrainConfig) -> list[str]:
-    """Every dataset spec the run reads."""
-    if cfg.mixture:
-        return [source.dataset for source in mixture.parse_mixture(cfg.mixture)]
-    return list(filter(None, (cfg.dataset, cfg.val_dataset)))
-
-
-def open_corpus(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokenizer: Tokenizer | None = None
-                ) -> Corpus:
-    """The corpus of `cfg`, prepared first where it is not (`lmdist prepare` stops here)."""
-    if cfg.mixture:
-        return _open_mixture(cfg, say, is_main, tokenizer)
-    prepared = shards.prepare(cfg, say, is_main, tokenizer=tokenizer, with_train=not cfg.streaming)
-    train = TokenStream(prepared.streams["train"]) if "train" in prepared.streams else None
-    val = TokenStream(prepared.streams["val"])
-    _check_sizes(cfg.dataset, train, val)
-    if prepared.tokenizer.eos_id is None:
-        say(missing_eos_warning(cfg.tokenizer, prepared.tokenizer))
-    source = prepared.manifest["source"]
-    return Corpus(train, val, prepared.tokenizer, _fingerprint(source, prepared.tokenizer, train, val), source,
-                  [prepared.path])
-
-
-def _open_mixture(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokenizer: Tokenizer | None) -> Corpus:
-    sources = mixture.parse_mixture(cfg.mixture)
-    configs = [mixture_source_config(cfg, source) for source in sources]
-    if tokenizer is None:
-        tokenizer = shards.mixture_tokenizer(cfg, configs, [s.weight for s in sources], say, is_main)
-    parts, folders, digest = [], [], hashlib.sha256()
-    for source, source_cfg in zip(sources, configs, strict=True):
-        prepared = shards.prepare(source_cfg, say, is_main, tokenizer=tokenizer)
-        tokenizer = prepared.tokenizer  # byte or a folder: the same for every source
-        train, val = TokenStream(prepared.streams["train"]), TokenStream(prepared.streams["val"])
-        _check_sizes(source.dataset, train, val)
-        parts.append(MixedSource(source, train, val))
-        folders.append(prepared.path)
-        fingerprint = _fingerprint(prepared.manifest["source"], tokenizer, train, val)
-        digest.update(f"{source.name}:{source.weight!r}:{fingerprint};".encode())
-    if tokenizer.eos_id is None:
-        say(missing_eos_warning(cfg.tokenizer, tokenizer))
-    train = TokenStream([p for part in parts for p in part.train.parts])
-    val = TokenStream([p for part in parts for p in part.val.parts])
-    source = {"mixture": cfg.mixture, "sources": ", ".join(f"{s.name} ({s.dataset}, weight {s.weight:g})"
-                                                           for s in sources)}
-    return Corpus(train, val, tokenizer, digest.hexdigest()[:16], source, folders, parts)
-
-
-def mixture_source_config(cfg: TrainConfig, source: mixture.Source) -> TrainConfig:
-    """The config that prepares one source of a mixture: the run's, with the source's dataset and columns."""
-    return replace(cfg, mixture=None, dataset=source.dataset, val_dataset=None,
-                   text_column=source.text_column or cfg.text_column,
-                   dataset_config=source.dataset_config or cfg.dataset_config)
-
-
-def _check_sizes(name: str, train: TokenStream | None, val: TokenStream) -> None:
-    for split, stream in (("training", train), ("validation", val)):
-        if stream is not None and stream.n_tokens < 2:
-            raise DataError(f"the {split} split of {name!r} has {stream.n_tokens} tokens: not enough text")
-
-
-def _silent(message: str) -> None:
-    """What a rank other than the main one says about the data: nothing, the main process said it."""
-
-
-def missing_eos_warning(name: str, tokenizer: Tokenizer) -> str:
-    declared = getattr(tokenizer, "eos_token", None)
-    why = (f"declares the end-of-text token {declared!r}, which is not in its vocabulary" if declared
-           else "has no end-of-text token")
-    return (f"warning: the tokenizer {name} {why}: documents run together in training, with nothing to mark "
-            "where one ends. Add one: set \"eos_token\" in its tokenizer_config.json to a token of its "
-            "vocabulary (e.g. \"<|endoftext|>\" or \"</s>\"; tokenizers' `add_special_tokens` adds a new one)")
-
-
-def quiet_progress_bars(is_main: bool) -> None:
-    """datasets' progress bars: one, on rank zero's terminal; none (no carriage returns) in logs."""
-    import datasets
-
-    if not (is_main and sys.stderr.isatty()):
-        datasets.disable_progress_bars()
-
-
-# ----------------------------------------------------------------------------- tokenizing and packing
-
-def tokenize(rows, tokenizer: Tokenizer, column: str) -> TokenStream:
-    """`rows` tokenized in memory (`lmdist eval` on another dataset; training reads prepared shards): the
-    end-of-text token after each document's last row."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    parts = []
-    for batch in rows.iter(batch_size=rows_per_batch(rows)):
-        continues = batch.get(CONTINUES) or [False] * len(batch[column])
-        texts, ends = [], []
-        for value, goes_on in zip(batch[column], continues, strict=True):
-            text = as_text(value)
-            if text:  # a row without text has nothing to predict (check_text counted it)
-                texts.append(text)
-                ends.append(not goes_on)
-        parts += encode_arrays(tokenizer, texts, ends, dtype)
-    return TokenStream(parts)
-
-
-class TokenStream:
-    """Token ids held in parts (memory-mapped shards, or arrays) read as one stream."""
-
-    def __init__(self, parts: list[np.ndarray]):
-        self.parts = [p for p in parts if len(p)]
-        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
-        self.n_tokens = int(self.starts[-1])
-
-    def slice(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length), clipped at the end of the stream."""
-        stop = min(start + length, self.n_tokens)
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
-        pieces = []
-        while start < stop:
-            part, offset = self.parts[first], start - self.starts[first]
-            piece = part[offset: offset + (stop - start)]
-            pieces.append(piece)
-            start += len(piece)
-            first += 1
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-    def windows(self, starts: np.ndarray, length: int, last_start: int | None = None) -> np.ndarray:
-        """Rows of `length` tokens from each start (int64), -1 past the end of the stream: one gather per
-        Arrow chunk, a `slice` only for the rare row that straddles two chunks. `last_start`: the largest
-        start when the caller knows it (training asks for a batch every step, and a numpy reduction costs
-        tens of microseconds there)."""
-        last_start = int(starts.max()) if last_start is None else last_start
-        if len(self.parts) == 1 and last_start + length <= self.n_tokens:  # the common case: one gather
-            return self.parts[0][starts[:, None] + np.arange(length)].astype(np.int64)
-        rows = np.full((len(starts), length), -1, dtype=np.int64)
-        part = np.searchsorted(self.starts, starts, side="right") - 1
-        inside = starts + length <= self.starts[np.minimum(part + 1, len(self.parts))]
-        for p in np.unique(part[inside]):
-            chosen = np.flatnonzero(inside & (part == p))
-            rows[chosen] = self.parts[p][starts[chosen, None] - self.starts[p] + np.arange(length)]
-        for row in np.flatnonzero(~inside & (starts < self.n_tokens)):
-            chunk = self.slice(int(starts[row]), length)
-            rows[row, : len(chunk)] = chunk
-        return rows
-
-    def sample(self, n: int = 4096) -> np.ndarray:
-        return np.concatenate([self.slice(0, n), self.slice(max(0, self.n_tokens - n), n)])
 
 
 class PackedSequences(Dataset):
@@ -269,6 +59,31 @@ class PackedSequences(Dataset):
         # a partial or padding sequence (evaluation); a padding index starts past the end of the stream: all -1
         return torch.from_numpy(self.stream.windows(np.where(index < self.n, index * T, self.stream.n_tokens),
                                                     T + 1)), False
+
+
+class MixedSequences(Dataset):
+    """The sources' PackedSequences as one index space: source i's sequence j is index offsets[i] + j."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.block_size = parts[0].block_size
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, bool]:
+        index = np.asarray(indices, dtype=np.int64)
+        source = np.searchsorted(self.offsets, index, side="right") - 1
+        rows = torch.empty((len(index), self.block_size + 1), dtype=torch.int64)
+        whole = True
+        for i in np.unique(source):
+            chosen = np.flatnonzero(source == i)
+            part_rows, part_whole = self.parts[i].__getitems__((index[chosen] - self.offsets[i]).tolist())
+            rows[torch.from_numpy(chosen)] = part_rows
+            whole = whole and part_whole
+        return rows, whole
 
 
 def inputs_and_targets(rows: torch.Tensor, whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,7 +209,7 @@ def train_loader(sequences: PackedSequences, batch_size: int, grad_accum: int, s
     return BatchLoader(sequences, BatchSampler(sampler, global_batch, drop_last=True), accelerator, num_workers)
 
 
-def mixture_train_loader(sequences: mixture.MixedSequences, sources: list[mixture.Source], batch_size: int,
+def mixture_train_loader(sequences: MixedSequences, sources: list[mixture.Source], batch_size: int,
                          grad_accum: int, seed: int, accelerator, num_workers: int = 0) -> BatchLoader:
     """A mixture's global batches (lmdist.mixture's order); an epoch is as many whole optimizer steps as all its
     sources' sequences fill."""
@@ -431,13 +246,3 @@ def _private_generator() -> torch.Generator:
     """Every new DataLoader iterator draws a seed from this; without it, it draws from the global RNG that
     dropout uses, and a resumed run (which starts one more iterator) would drift from the uninterrupted one."""
     return torch.Generator().manual_seed(0)
-
-
-def _fingerprint(source: dict, tokenizer: Tokenizer, train: TokenStream | None, val: TokenStream) -> str:
-    """Identifies data + tokenizer: the source, the vocabulary, the token counts and the streams' ends."""
-    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode())
-    streams = [s for s in (train, val) if s is not None]
-    digest.update(f"{tokenizer.kind}:{tokenizer.vocab_size}:{[s.n_tokens for s in streams]}".encode())
-    for stream in streams:
-        digest.update(stream.sample().astype(np.int64).tobytes())
-    return digest.hexdigest()[:16]

@@ -209,7 +209,10 @@ def stop_during_startup() -> None:
 
 
 def _close_process_group() -> None:
-    """Leave the process group cleanly so that an error exit does not also print gloo/NCCL noise."""
+    """Leave the process group cleanly so that an error exit does not also print gloo/NCCL noise. A command that
+    never imported torch (`lmdist prepare`) has none, and must not pay seconds to import it here."""
+    if "torch" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

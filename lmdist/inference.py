@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from lmdist import checkpoint, data, engine, export, samples, sources
+from lmdist import checkpoint, data, engine, export, samples, sources, token_streams
 from lmdist.config import TrainConfig, make_config, upgrade_saved
 from lmdist.errors import ConfigError, DataError
 from lmdist.metrics import evaluate
@@ -63,15 +63,15 @@ def evaluate_saved(folder: str, dataset: str | None, split: str | None, batch_si
     saved = open_saved(folder)
     cfg = saved.cfg if batch_size is None else make_config({**saved.cfg.to_dict(), "batch_size": batch_size})
     accelerator = engine.build_accelerator(cfg)
-    data.quiet_progress_bars(accelerator.is_main_process)
+    token_streams.quiet_progress_bars(accelerator.is_main_process)
     if dataset is None:  # the run's own prepared shards, prepared anew with its tokenizer where they are gone
         say = sources.warn if accelerator.is_main_process else lambda message: None
-        tokens = data.open_corpus(cfg, say, accelerator.is_main_process, saved.tokenizer).val
+        tokens = token_streams.open_corpus(cfg, say, accelerator.is_main_process, saved.tokenizer).val
     else:
         sources.check_source(dataset)
         rows = sources.pick_split(sources.load_dataset_dict(dataset, cfg), (split,) if split else sources.EVAL_SPLITS,
                                   dataset)
-        tokens = data.tokenize(rows, saved.tokenizer, cfg.text_column)
+        tokens = token_streams.tokenize(rows, saved.tokenizer, cfg.text_column)
     sequences = data.PackedSequences(tokens, cfg.block_size, keep_partial=True)
     loader = data.eval_loader(sequences, cfg.batch_size, accelerator)
     model, = engine.prepare(accelerator, load_model(saved))  # bf16 logits under bf16, as in training

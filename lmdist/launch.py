@@ -13,8 +13,6 @@ import platform
 import warnings
 from datetime import timedelta
 
-import torch
-
 from lmdist.config import TrainConfig
 from lmdist.errors import LaunchError
 
@@ -23,6 +21,8 @@ def has_accelerator() -> bool:
     """True when torch sees a GPU (or another accelerator), unless ACCELERATE_USE_CPU asks for CPU."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return False
+    import torch  # here, not at the top: lmdist.shards' tokenizing workers use this module without torch
+
     accel = getattr(torch, "accelerator", None)  # torch >= 2.6
     return bool(accel.is_available()) if accel is not None else torch.cuda.is_available()
 

@@ -26,8 +26,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, Sampler
 
 from lmdist.errors import ConfigError
 from lmdist.order import FeistelOrder
@@ -128,35 +126,11 @@ def check_batch(sources: list[Source], global_batch: int) -> None:
                           "batch_size or use fewer sources")
 
 
-class MixedSequences(Dataset):
-    """The sources' PackedSequences as one index space: source i's sequence j is index offsets[i] + j."""
+class MixtureOrder:
+    """The mixture's global batches (the module's contract), as indices of the sources' sequences in one index
+    space (lmdist.data.MixedSequences: source i's sequence j is offsets[i] + j), batch after batch: a sampler."""
 
-    def __init__(self, parts: list):
-        self.parts = parts
-        self.sizes = np.array([len(p) for p in parts], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.block_size = parts[0].block_size
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, bool]:
-        index = np.asarray(indices, dtype=np.int64)
-        source = np.searchsorted(self.offsets, index, side="right") - 1
-        rows = torch.empty((len(index), self.block_size + 1), dtype=torch.int64)
-        whole = True
-        for i in np.unique(source):
-            chosen = np.flatnonzero(source == i)
-            part_rows, part_whole = self.parts[i].__getitems__((index[chosen] - self.offsets[i]).tolist())
-            rows[torch.from_numpy(chosen)] = part_rows
-            whole = whole and part_whole
-        return rows, whole
-
-
-class MixtureOrder(Sampler[int]):
-    """The mixture's global batches (the module's contract), as MixedSequences indices, batch after batch."""
-
-    def __init__(self, sequences: MixedSequences, sources: list[Source], seed: int, global_batch: int,
+    def __init__(self, sequences, sources: list[Source], seed: int, global_batch: int,
                  batches_per_epoch: int):
         self.sequences, self.seed, self.global_batch = sequences, seed, global_batch
         self.batches_per_epoch = batches_per_epoch

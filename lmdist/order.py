@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 
 ORDER = "feistel-v1"
 ORDER_LEGACY = "randperm"  # checkpoints written before `data_order` was recorded
@@ -87,6 +86,8 @@ def chunks(order: str, n: int, seed: int, epoch: int, start: int, stop: int) -> 
         for begin in range(start, stop, CHUNK):
             yield feistel.at(np.arange(begin, min(begin + CHUNK, stop), dtype=np.uint64))
     elif order == ORDER_LEGACY:  # the whole permutation, 8 bytes an index, as before data_order was recorded
+        import torch  # only here: lmdist prepare reads this module without torch
+
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         yield from (chunk.numpy() for chunk in torch.randperm(n, generator=generator)[start:stop].split(CHUNK))
     else:

@@ -24,7 +24,19 @@ from collections.abc import Iterator
 
 import torch
 
-from lmdist import checkpoint, data, engine, export, mixture, optim, perf, rundir, streaming, trackers, tracking
+from lmdist import (
+    checkpoint,
+    data,
+    engine,
+    export,
+    optim,
+    perf,
+    rundir,
+    streaming,
+    token_streams,
+    trackers,
+    tracking,
+)
 from lmdist.config import TrainConfig
 from lmdist.metrics import TokenMeter
 from lmdist.metrics import evaluate as evaluate_on
@@ -229,7 +241,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
     # Data: the main process prepares the token shards when there are none, then every rank opens them.
-    corpus = data.load_corpus(cfg, lambda build: engine.main_process_first(accelerator, build),
+    corpus = token_streams.load_corpus(cfg, lambda build: engine.main_process_first(accelerator, build),
                               accelerator.is_main_process, reuse_tokenizer=resume is not None)
     if resume:
         check_same_data(resume, corpus.fingerprint)
@@ -243,7 +255,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         val_set = data.PackedSequences(corpus.val, cfg.block_size, keep_partial=True)
         val_loader = data.eval_loader(val_set, cfg.batch_size, accelerator, cfg.eval_batches, workers)
     if corpus.sources:
-        train_set = mixture.MixedSequences([data.PackedSequences(part.train, cfg.block_size, keep_partial=False)
+        train_set = data.MixedSequences([data.PackedSequences(part.train, cfg.block_size, keep_partial=False)
                                             for part in corpus.sources])
         plan = Plan.make(cfg, len(train_set), accelerator.num_processes)
         train_loader = data.mixture_train_loader(train_set, [part.source for part in corpus.sources],

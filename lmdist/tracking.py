@@ -22,12 +22,12 @@ from urllib.parse import urlparse
 from lmdist import files, mixture, samples, trackers
 from lmdist.config import TrainConfig
 from lmdist.console import Console, format_final
-from lmdist.data import Corpus
 from lmdist.errors import StorageError, as_user_error, first_line
 from lmdist.resume import is_own_checkpoint
 from lmdist.schedule import Plan
 from lmdist.sharding import is_sharded, local_parameters
 from lmdist.stopping import SIGNAL_LEAD_S
+from lmdist.token_streams import Corpus
 
 
 class JsonlTracker:

@@ -44,16 +44,16 @@ def claim_a_gpu() -> None:
 
 def hang_rank(rank: int, seconds: float = 600) -> None:
     """`rank` sleeps before it loads the corpus, while the other ranks wait for it in a collective."""
-    import lmdist.data
+    import lmdist.token_streams
 
-    load = lmdist.data.load_corpus
+    load = lmdist.token_streams.load_corpus
 
     def hanging_load(*args, **kwargs):
         if _rank() == rank:
             time.sleep(seconds)
         return load(*args, **kwargs)
 
-    lmdist.data.load_corpus = hanging_load
+    lmdist.token_streams.load_corpus = hanging_load
 
 
 def crash_rank_once(rank: int, micro_step: int, marker: str) -> None:
@@ -210,16 +210,16 @@ def slow_import(module: str, seconds: float = 60) -> None:
 
 def slow_data_load(seconds: float = 60) -> None:
     """Start-up held in loading the corpus: prints "starting" there, then sleeps."""
-    import lmdist.data
+    import lmdist.token_streams
 
-    load = lmdist.data.load_corpus
+    load = lmdist.token_streams.load_corpus
 
     def slow_load(*args, **kwargs):
         print("starting", flush=True)
         time.sleep(seconds)
         return load(*args, **kwargs)
 
-    lmdist.data.load_corpus = slow_load
+    lmdist.token_streams.load_corpus = slow_load
 
 
 def read_records(path: Path) -> list[dict]:

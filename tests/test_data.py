@@ -14,14 +14,13 @@ from lmdist.data import (
     IGNORE_INDEX,
     EpochPermutation,
     PackedSequences,
-    TokenStream,
     eval_loader,
     inputs_and_targets,
-    tokenize,
     train_loader,
 )
 from lmdist.errors import DataError
 from lmdist.sources import load_rows
+from lmdist.token_streams import TokenStream, tokenize
 from lmdist.tokenizer import (
     ByteTokenizer,
     HFTokenizer,

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lmdist.data import MixedSequences
 from lmdist.errors import ConfigError
-from lmdist.mixture import MixedSequences, MixtureOrder, Source, check_batch, parse_mixture
+from lmdist.mixture import MixtureOrder, Source, check_batch, parse_mixture
 from tests import faults
 from tests.conftest import TINY_GPT, launch, read_metrics, run_ok
 

@@ -212,6 +212,26 @@ def test_a_killed_preparation_is_never_used_and_is_redone(tmp_path, small_units)
     assert not any(".partial-" in name for name in os.listdir(tmp_path / "tokens"))
 
 
+PREPARE_WITHOUT_TORCH = textwrap.dedent("""
+    import sys
+    from lmdist import cli
+    try:
+        cli.main(["prepare", *sys.argv[1:]])
+    except SystemExit as done:
+        assert not done.code, done.code
+    print(sorted(name for name in ("torch", "datasets", "accelerate") if name in sys.modules))
+""")
+
+
+def test_lmdist_prepare_of_text_files_imports_neither_torch_nor_datasets(tmp_path):
+    """Their imports cost seconds: more than preparing 100 MB of text with the byte tokenizer here (bench/)."""
+    write_text(tmp_path / "a.txt", 200)
+    done = subprocess.run([sys.executable, "-c", PREPARE_WITHOUT_TORCH, "--dataset", str(tmp_path / "a.txt"),
+                           "--tokens_dir", str(tmp_path / "tokens")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "prepared: " in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.launch
 def test_lmdist_prepare_prints_the_flags_a_run_then_trains_on(tmp_path):
     write_text(tmp_path / "a.txt", 3000)

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from lmdist import data, sources
+from lmdist import sources, token_streams
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
 from lmdist.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
@@ -20,12 +20,12 @@ EOS = ByteTokenizer.eos_id
 WRITTEN = "first line\n\n  indented line\r\nno final line break: é € 😀"  # blank line, CRLF, UTF-8 of 2-4 bytes
 
 
-def corpus_of(tmp_path, dataset: str, **fields) -> data.Corpus:
+def corpus_of(tmp_path, dataset: str, **fields) -> token_streams.Corpus:
     cfg = TrainConfig(dataset=dataset, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"), **fields)
-    return data.load_corpus(cfg, lambda build: build(), is_main=True)
+    return token_streams.load_corpus(cfg, lambda build: build(), is_main=True)
 
 
-def tokens(stream: data.TokenStream) -> list[int]:
+def tokens(stream: token_streams.TokenStream) -> list[int]:
     return stream.slice(0, stream.n_tokens).tolist()
 
 
@@ -147,7 +147,7 @@ def test_csv_cells_are_read_as_written(tmp_path):
     train, _, _ = sources.load_rows(TrainConfig(dataset=str(tmp_path / "a.csv"), cache_dir=str(tmp_path / "c"),
                                                   val_fraction=0.01))
     assert train["text"] == ["1984", "NA", "", "null", "words here"][:train.num_rows]
-    ids = tokens(data.tokenize(train, ByteTokenizer(), "text"))
+    ids = tokens(token_streams.tokenize(train, ByteTokenizer(), "text"))
     documents = ByteTokenizer().decode([i if i != ByteTokenizer.eos_id else ord("|") for i in ids])
     assert documents == "|".join(["1984", "NA", "null", "words here"][:train.num_rows - 1]) + "|"
 
@@ -216,7 +216,7 @@ def test_a_tokenizer_folder_without_end_of_text_warns_on_the_main_process(tmp_pa
     for is_main in (True, False):
         cfg = TrainConfig(dataset=str(tmp_path / "a.txt"), tokenizer=str(tmp_path / "tok"),
                           cache_dir=str(tmp_path / "c"), output_dir=str(tmp_path / f"out{is_main}"))
-        data.load_corpus(cfg, lambda build: build(), is_main=is_main)
+        token_streams.load_corpus(cfg, lambda build: build(), is_main=is_main)
         err = capsys.readouterr().err
         expected = 1 if is_main else 0
         assert err.count(f"the tokenizer {tmp_path / 'tok'} has no end-of-text token") == expected, err
@@ -250,12 +250,12 @@ def test_streamed_text_files_are_read_as_written(tmp_path, monkeypatch, capsys):
 
 MEASURE = textwrap.dedent("""
     import resource, sys
-    import datasets, pyarrow.compute, tokenizers  # what lmdist.data imports when it loads data
-    from lmdist import data
+    import datasets, pyarrow.compute, tokenizers  # what lmdist imports when it loads data
+    from lmdist import token_streams
     from lmdist.config import TrainConfig
     if sys.argv[1:]:
         cfg = TrainConfig(dataset=sys.argv[1], cache_dir=sys.argv[2], output_dir=sys.argv[3])
-        data.load_corpus(cfg, lambda build: build(), is_main=True)
+        token_streams.load_corpus(cfg, lambda build: build(), is_main=True)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """)
 
