@@ -21,8 +21,10 @@ Invariants:
   is in; a killed preparation leaves only a partial folder, which the next preparer removes and redoes.
 - One preparer per key at a time: `<key>.lock` (flock) is held while preparing; a second process waits on
   it, then opens the result.
-- The tokens do not depend on how many processes made them: the work is cut into units by content
-  (UNIT_BYTES of text, whole rows), each unit tokenized on its own into its own shard, shards in order.
+- The tokens do not depend on how many processes made them, nor on how the work is cut: a unit is a run of whole
+  rows, or of whole pieces of a text file -- the pieces lmdist.sources has always read it in, from the start of
+  its byte range -- each unit tokenized on its own into its own shard, shards in order. Units hold a 64th of
+  their split (within [PIECE_BYTES, UNIT_BYTES]), so that the cores share even a small corpus evenly.
 
 Why not `datasets.map`: it keeps an Arrow copy of the text beside per-row offsets (5.35 bytes a BPE token
 where the ids need 2), and opening its cache costs one Arrow record batch per thousand rows at every
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from lmdist import corpus, launch
+from lmdist import corpus, launch, sources
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
 from lmdist.files import write_json
@@ -61,7 +63,6 @@ from lmdist.sources import (
     TOKENIZE_BATCH_BYTES,
     LocalFiles,
     _char_start,
-    _pieces,
     as_text,
     check_text,
     decode_counting,
@@ -69,6 +70,7 @@ from lmdist.sources import (
     load_rows,
     locate,
     pick_split,
+    piece_cuts,
     report_bad_bytes_of,
     rows_per_batch,
     say_left_out,
@@ -78,7 +80,8 @@ from lmdist.sources import (
 from lmdist.tokenizer import Tokenizer, build_tokenizer, encode_arrays, load_tokenizer
 
 FORMAT = "lmdist-tokens-1"
-UNIT_BYTES = 32 << 20  # text per unit of work (and per shard file): fixed, so the tokens never depend on the cores
+UNIT_BYTES = 32 << 20  # text per unit of work (and per shard file) at most
+UNITS_PER_SPLIT = 64  # a split's text is cut into this many units where they stay within [PIECE_BYTES, UNIT_BYTES]
 SAMPLE_WINDOW_BYTES = 1 << 20  # a BPE training sample is read in windows of this much text
 PIECES = "pieces"  # in a source description: the number of pieces the text was read in, known once tokenized
 SAMPLE_SEED = 0  # the sample is the same for every run's seed: a seed sweep shares one preparation
@@ -86,12 +89,20 @@ SAMPLE_SEED = 0  # the sample is the same for every run's seed: a seed sweep sha
 
 @dataclass(frozen=True)
 class TextRange:
-    """Bytes [start, stop) of a text file; `ends_document`: its last token is followed by end-of-text."""
+    """Bytes [cuts[0], cuts[-1]) of a text file, read as the pieces between consecutive `cuts`; `ends_document`: its
+    last token is followed by end-of-text."""
 
     path: str
-    start: int
-    stop: int
+    cuts: tuple[int, ...]
     ends_document: bool
+
+    @property
+    def start(self) -> int:
+        return self.cuts[0]
+
+    @property
+    def stop(self) -> int:
+        return self.cuts[-1]
 
 
 @dataclass(frozen=True)
@@ -377,33 +388,34 @@ def _units(cfg: TrainConfig, with_train: bool, say: Callable[[str], None]):
     return splits, loaded, source
 
 
+def unit_bytes(total: int) -> int:
+    """Text per unit of work for a split of `total` bytes: a UNITS_PER_SPLIT-th of it, so that many cores share even
+    a small corpus, within [PIECE_BYTES, UNIT_BYTES] (fewer, larger shard files for a large one)."""
+    return min(UNIT_BYTES, max(sources.PIECE_BYTES, total // UNITS_PER_SPLIT))
+
+
 def text_units(parts: list[tuple[str, int, int]]) -> list[TextRange]:
-    """Byte ranges (path, start, stop) cut into units of about UNIT_BYTES, each cut after a line break (or at
-    the start of a UTF-8 character); a range's last unit ends its document when the range ends its file."""
+    """Byte ranges (path, start, stop) grouped into units of about `unit_bytes` of whole pieces -- the pieces
+    lmdist.sources reads a range in, from its start -- so the tokens are the same whatever the unit size; a range's
+    last unit ends its document when the range ends its file."""
+    size = unit_bytes(sum(stop - start for _, start, stop in parts))
     units = []
     for path, start, stop in parts:
         ends_file = stop >= os.path.getsize(path)
-        cuts = [start]
-        while stop - cuts[-1] > UNIT_BYTES:
-            cuts.append(_cut_after_line_break(path, cuts[-1] + UNIT_BYTES, stop))
-        cuts.append(stop)
-        units += [TextRange(path, a, b, ends_file and b == stop) for a, b in itertools.pairwise(cuts)
-                  if b > a]
+        cuts = piece_cuts(path, start, stop)
+        group = [cuts[0]]
+        for cut in cuts[1:]:
+            group.append(cut)
+            if cut - group[0] >= size or cut == stop:
+                units.append(TextRange(path, tuple(group), ends_file and cut == stop))
+                group = [cut]
     return units
 
 
-def _cut_after_line_break(path: str, offset: int, stop: int, look: int = 1 << 20) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        ahead = f.read(min(look, stop - offset))
-    line_break = ahead.find(b"\n")
-    return offset + line_break + 1 if line_break >= 0 else _char_start(path, offset)
-
-
 def row_units(name: str, rows) -> list[RowRange]:
-    """Runs of whole rows holding about UNIT_BYTES of data each."""
+    """Runs of whole rows holding about `unit_bytes` of data each."""
     row_bytes = rows.data.nbytes / max(1, rows.num_rows)
-    per_unit = max(1, int(UNIT_BYTES // max(1.0, row_bytes)))
+    per_unit = max(1, int(unit_bytes(rows.data.nbytes) // max(1.0, row_bytes)))
     return [RowRange(name, a, min(a + per_unit, rows.num_rows)) for a in range(0, rows.num_rows, per_unit)]
 
 
@@ -453,7 +465,8 @@ def _tokenize_all(work: list, datasets_: dict, tokenizer: Tokenizer, column: str
     tokenizers), and a child forked while one of them holds a lock waits on that lock forever."""
     setting = (datasets_, tokenizer, column, dtype, folder)
     total = sum(_unit_size(unit, datasets_) for _, _, unit in work)
-    # less than two units' text is tokenized in this process: starting workers would cost more
+    # less than 2 x UNIT_BYTES of text is tokenized in this process (bpe on its tokenizer's threads): starting
+    # workers would cost more
     processes = min(launch.available_cores(), len(work)) if total >= 2 * UNIT_BYTES else 1
     bar = _progress_bar(total, is_main)
     results = []
@@ -560,4 +573,5 @@ def _unit_batches(unit, bad_bytes: dict[str, int]) -> Iterator[tuple[list[str], 
 def _unit_pieces(unit: TextRange) -> Iterator[bytes]:
     with open(unit.path, "rb") as f:
         f.seek(unit.start)
-        yield from _pieces(f, unit.stop - unit.start)
+        for start, stop in itertools.pairwise(unit.cuts):
+            yield f.read(stop - start)

@@ -6,7 +6,7 @@ byte ranges, `split_text_bytes` cutting off their validation part); `load_datase
 `pick_split` one of them; `check_text` refuses rows without text and warns about rows left out. Every row
 holds its text in the text column; `as_text` is the text the tokenizer sees. Rows of text files also hold
 FILE, CONTINUES and BAD_BYTES. A problem the user can fix is a DataError; warnings go to `say`. Nothing
-here tokenizes or packs (lmdist.data does), and nothing here imports lmdist.data.
+here tokenizes (lmdist.shards does) or packs (lmdist.data does), and nothing here imports either.
 
 A source is "builtin", a local file, folder or glob, a `save_to_disk` folder, or a hub dataset name. Text is
 read as written. A plain-text file (any file that is not .json/.jsonl/.csv/.parquet and holds no NUL byte in
@@ -358,6 +358,34 @@ def _pieces(f, size: int | None = None) -> Iterator[bytes]:
         yield data[:cut]
     if rest:
         yield rest
+
+
+def piece_cuts(path: str, start: int, stop: int, window: int = 1 << 16) -> list[int]:
+    """The offsets at which `_pieces` cuts bytes [start, stop) of `path`, `start` and `stop` included, found with
+    small reads: each cut is the last line break in the second half of what `_pieces` holds there, read backwards
+    from its end (a line or two), else where `_utf8_boundary` puts it. So a file's pieces -- and the tokens of
+    tokenizers that learn across a cut -- are the same whatever groups of them are tokenized together."""
+    cuts, read_to = [start], start  # _pieces holds bytes [cuts[-1], read_to) after each read
+    with open(path, "rb") as f:
+        while read_to < stop:
+            read_to = min(read_to + PIECE_BYTES, stop)
+            held_from = cuts[-1]
+            half = held_from + (read_to - held_from) // 2
+            cut, end = 0, read_to
+            while not cut and end > half:  # the last line break at or after `half`
+                f.seek(max(half, end - window))
+                block = f.read(end - max(half, end - window))
+                cut = max(half, end - window) + block.rfind(b"\n") + 1 if b"\n" in block else 0
+                end -= len(block)
+            if not cut:
+                tail_from = max(held_from, read_to - 4)  # _utf8_boundary looks at the last 3 bytes at most
+                f.seek(tail_from)
+                cut = tail_from + _utf8_boundary(f.read(read_to - tail_from))
+                cut = cut if cut > held_from else read_to
+            cuts.append(cut)
+        if cuts[-1] != stop:
+            cuts.append(stop)
+    return cuts
 
 
 def _utf8_boundary(data: bytes) -> int:

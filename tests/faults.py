@@ -74,10 +74,12 @@ def crash_rank_once(rank: int, micro_step: int, marker: str) -> None:
 
 
 def small_prepare_units(unit_bytes: int) -> None:
-    """Token shards prepared in units of `unit_bytes`, so that a small corpus is tokenized by the worker pool."""
+    """Token shards prepared in units of `unit_bytes` (text read in pieces of that size), so that a small corpus is
+    tokenized by the worker pool."""
     import lmdist.shards
+    import lmdist.sources
 
-    lmdist.shards.UNIT_BYTES = unit_bytes
+    lmdist.shards.UNIT_BYTES = lmdist.sources.PIECE_BYTES = unit_bytes
 
 
 def nan_output_on_rank(rank: int, forward: int) -> None:

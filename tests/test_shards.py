@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lmdist import launch as lmdist_launch
-from lmdist import shards
+from lmdist import shards, sources, token_streams
 from lmdist.config import TrainConfig
 from lmdist.errors import DataError
 from lmdist.tokenizer import ByteTokenizer
@@ -55,8 +55,10 @@ def folder_bytes(path) -> dict[str, bytes]:
 
 @pytest.fixture
 def small_units(monkeypatch):
-    """Units of 4 KiB, so that small files make many units and the forked pool runs."""
+    """Units of 4 KiB (text read in pieces of 1 KiB), so that small files make many units and the forked pool
+    runs."""
     monkeypatch.setattr(shards, "UNIT_BYTES", 4096)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 1024)
 
 
 def test_shards_decode_back_to_the_text_with_documents_indexed(tmp_path, small_units):
@@ -88,6 +90,32 @@ def test_table_rows_and_bpe_decode_back(tmp_path, small_units):
     assert [prepared.tokenizer.decode(doc[:-1].tolist()) for doc in documents] == kept
     splits = prepared.manifest["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(kept)
+
+
+def test_the_tokens_do_not_depend_on_the_units_and_are_those_of_the_pieces_read_in_order(tmp_path, monkeypatch):
+    """BPE learns across a cut (a run of whitespace, a line break beside spaces), so a unit boundary that is not a
+    piece boundary would change tokens. Units of 4 KiB and units of the whole split give the same stream, which is
+    the stream of the file's pieces read in order (lmdist.sources' rows of a text file: streaming's and eval's
+    reading, and training's before the shards)."""
+    lines = write_text(tmp_path / "x.txt", 1200, seed=3).split("\n")
+    text = "".join(line + ("  \n\n  " if i % 7 == 0 else " \n" if i % 3 == 0 else "\n")
+                   for i, line in enumerate(lines))
+    (tmp_path / "a.txt").write_text(text)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 1024)
+    streams = []
+    for units, per_split, where in ((4096, 1 << 20, "small"), (1 << 30, 1, "whole")):
+        monkeypatch.setattr(shards, "UNIT_BYTES", units)
+        monkeypatch.setattr(shards, "UNITS_PER_SPLIT", per_split)
+        cfg = cfg_for(tmp_path, tmp_path / "a.txt", tokenizer="bpe", bpe_vocab_size=400,
+                      tokens_dir=str(tmp_path / where))
+        prepared = shards.prepare(cfg, print, True)
+        streams.append(np.concatenate([np.concatenate(prepared.streams[s]) for s in ("train", "val")]))
+        assert (len(prepared.manifest["splits"]["train"]["shards"]) > 10) == (where == "small")
+    assert np.array_equal(*streams)
+    train_parts, val_parts, _ = sources.split_text_bytes([str(tmp_path / "a.txt")], cfg)
+    read_in_order = [token_streams.tokenize(sources.text_dataset(parts, cfg), prepared.tokenizer, cfg.text_column)
+                     for parts in (train_parts, val_parts)]
+    assert np.array_equal(streams[0], np.concatenate([s.slice(0, s.n_tokens) for s in read_in_order]))
 
 
 def test_two_preparations_give_the_same_bytes_on_any_number_of_cores(tmp_path, small_units, monkeypatch):
@@ -173,9 +201,10 @@ def test_bpe_learns_from_a_bounded_seeded_sample(tmp_path, monkeypatch):
 
 KILLED_PREPARATION = textwrap.dedent("""
     import os, sys, time
-    from lmdist import shards
+    from lmdist import shards, sources, token_streams
     from lmdist.config import TrainConfig
     shards.UNIT_BYTES = 4096
+    sources.PIECE_BYTES = 1024
     tokenize = shards._tokenize_unit
     def slow(item):
         result = tokenize(item)

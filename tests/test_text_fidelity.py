@@ -2,12 +2,14 @@
 reported, any plain-text file trains, and a large file is read in bounded memory."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from lmdist import sources, token_streams
@@ -63,6 +65,28 @@ def test_pieces_are_cut_after_line_breaks_and_never_inside_a_character(tmp_path,
     assert b"".join(pieces) == path.read_bytes() and len(pieces) > 5
     assert pieces[0] == b"abc\nde\n"  # after the line break in its second half
     assert all(piece.decode("utf-8") for piece in pieces)  # each piece is whole characters
+
+
+def test_piece_cuts_are_the_cuts_of_the_pieces_read_whole(tmp_path, monkeypatch):
+    """lmdist.shards groups a file's pieces into units by `piece_cuts`, found with small reads instead of reading
+    the file; they must be exactly where `_pieces` cuts: line breaks, none at all, characters of 1 to 4 bytes,
+    bytes that are not UTF-8, ranges that start and stop anywhere, windows smaller than a line."""
+    rng = np.random.default_rng(0)
+    alphabet = [b"a", b" ", b"\n", "\u00e9".encode(), "\u2713".encode(), "\U0001d11e".encode(), b"\xe9", b"\xff"]
+    path = tmp_path / "a.txt"
+    for trial in range(400):
+        weights = rng.random(len(alphabet))
+        weights[2] *= trial % 3 != 0  # a third of the texts without a line break
+        data = b"".join(rng.choice(alphabet, int(rng.integers(1, 300)), p=weights / weights.sum()))
+        path.write_bytes(data)
+        monkeypatch.setattr(sources, "PIECE_BYTES", int(rng.choice([1, 3, 4, 8, 32])))
+        start = int(rng.integers(0, len(data)))
+        stop = int(rng.integers(start + 1, len(data) + 1))
+        with open(path, "rb") as f:
+            f.seek(start)
+            lengths = [len(piece) for piece in sources._pieces(f, stop - start)]
+        window = int(rng.choice([2, 5, 1 << 16]))
+        assert sources.piece_cuts(str(path), start, stop, window) == list(itertools.accumulate(lengths, initial=start))
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "folder"])
