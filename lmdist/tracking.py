@@ -251,10 +251,10 @@ def _run_name(cfg: TrainConfig) -> str:
 
 def run_facts(accelerator, plan: Plan, corpus: Corpus, model, parameters: int) -> dict:
     """The facts of this launch for run.json and W&B (not settings: those are in config.yaml)."""
+    from importlib.metadata import version
+
     import accelerate
-    import datasets
     import torch
-    import wandb
 
     import lmdist
 
@@ -272,8 +272,10 @@ def run_facts(accelerator, plan: Plan, corpus: Corpus, model, parameters: int) -
         "command": [sys.executable, *sys.orig_argv[1:]],  # as typed: `-m lmdist.train`, `lmdist train`
         "git_commit": _git_commit(os.path.dirname(os.path.abspath(sys.argv[0]))),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "accelerate": accelerate.__version__, "datasets": datasets.__version__,
-                     "wandb": wandb.__version__, "lmdist": lmdist.__version__},
+                     "accelerate": accelerate.__version__, "lmdist": lmdist.__version__,
+                     # installed versions, not imports: a run that never reads a hub dataset or logs to W&B
+                     # would pay two seconds of start-up for them
+                     "datasets": version("datasets"), "wandb": version("wandb")},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": parameters,
         "parameters_per_rank": local_parameters(accelerator, model),  # their shards, under FSDP
