@@ -103,17 +103,51 @@ def render(results: dict) -> str:
                           f"{r['eager_wall_s']:.0f} s / {r['wall_s']:.0f} s ({r['steps']} steps)"]
                          for r in results["options"]]) + [""]
     if "data" in results:
-        lines += ["**Data**: tokenize-and-pack throughput of `load_corpus` (load, train the tokenizer, tokenize with "
-                  "`datasets.map`, pack), MB of UTF-8 text per second; warm = a second launch reusing the datasets "
-                  "cache and the saved tokenizer", ""]
-        lines += _table(["source", "tokenizer", "MB", "tokens", "cold MB/s", "warm MB/s"],
-                        [[r["source"], r["tokenizer"], f"{r['mb']:.2f}", _n(r["tokens"]), f"{r['cold_mb_per_s']:.2f}",
-                          f"{r['warm_mb_per_s']:.2f}"] for r in results["data"]]) + [""]
+        lines += _data(results["data"], targets)
     if "time_to_loss" in results:
         lines += _time_to_loss(results["time_to_loss"], targets)
     if "step_costs" in results:
         lines += _step_costs(results["step_costs"])
     return "\n".join([*lines, END])
+
+
+def _data(data: dict, targets: dict) -> list[str]:
+    if "rows" not in data:  # figures of the data section before issue 17's: tokenize-and-pack throughput
+        return []
+    lines = [f"**Data at scale**: `lmdist prepare` against a nanoGPT-style script "
+             f"([`bench/prepare_baseline.py`](prepare_baseline.py)) on {data['corpus']} text repeated to each size, "
+             "whole-command wall time of a cold preparation (pairs alternating, median pair ratio and spread; bpe: "
+             "both sides encode with the same 4096-entry BPE folder); bytes per token on disk; a tiny GPT's seconds "
+             f"from its command to the first step, warm (new output_dir, prepared tokens) and resumed after a SIGTERM "
+             f"at step {data['steps']}, and its anonymous memory (RssAnon) at that step, medians (min to max). "
+             f"Targets: preparation <= {targets['prepare_ratio']}x the baseline, <= {targets['bytes_per_token']} "
+             f"bytes/token, launch and resume <= {targets['launch_s']:.0f} s at 1 GB", ""]
+    table = []
+    for r in data["rows"]:
+        pairs = r["prepare_pair_ratios"]
+        table.append([r["size"], r["tokenizer"], _n(r["tokens"]), str(r["shards"]),
+                      _spread_of(r["lmdist_prepare_s"], ".2f"), _spread_of(r["baseline_prepare_s"], ".2f"),
+                      f"{r['prepare_ratio']:.2f} ({_verdict(r['prepare_ratio'] <= targets['prepare_ratio'])}; "
+                      f"{len(pairs)} pair{'s' * (len(pairs) > 1)}: {min(pairs):.2f} to {max(pairs):.2f})",
+                      f"{r['bytes_per_token']:.3f} ({_verdict(r['bytes_per_token'] <= targets['bytes_per_token'])}) "
+                      f"/ {r['baseline_bytes_per_token']:.3f}",
+                      _spread_of(r["launch_s"], ".2f"), _spread_of(r["resume_s"], ".2f"),
+                      _spread_of(r["rss_anon_mb"], ".0f"),
+                      f"{r['bpe_from_text_s']:.1f}" if "bpe_from_text_s" in r else ""])
+    lines += _table(["size", "tokenizer", "tokens", "shards", "lmdist prepare s", "baseline s", "ratio",
+                     "bytes/token lmdist / baseline", "warm launch s", "resume s", "anonymous MiB",
+                     "bpe trained and prepared s"], table)
+    lines += ["", "Growth exponents (slope of log figure against log size; 0: constant, 1: linear):", ""]
+    labels = list(next(iter(data["exponents"].values()), {}))
+    lines += _table(["tokenizer", *labels], [[tok, *(f"{found[label]:+.2f}" for label in labels)]
+                                              for tok, found in data["exponents"].items()])
+    return lines + [""]
+
+
+def _spread_of(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}} to {max(values):{fmt}})"
 
 
 def _spread(summary: dict | None, fmt: str) -> str:

@@ -29,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench import report  # noqa: E402
+from bench import data_scale, report  # noqa: E402
 from lmdist import launch, perf  # noqa: E402
 
 TRAIN, PLAIN, COUNT = REPO / "train.py", REPO / "bench" / "plain_loop.py", REPO / "bench" / "count_collectives.py"
@@ -60,7 +60,8 @@ SMOKE_SIZES = {
 # Nothing but training in the measured windows: no evaluation or checkpoint before the last step, no W&B.
 COMMON = "--wandb_mode disabled --eval_every 1000000 --save_every 1000000 --eval_batches 1 --warmup_steps 2"
 TARGETS = {"overhead": 0.97, "scaling": 0.90, "data_wait": 0.01, "mfu_fp32": 0.45,
-           "time_to_loss": 0.4, "loss_gain": 0.15, "modern_speed": 0.8}
+           "time_to_loss": 0.4, "loss_gain": 0.15, "modern_speed": 0.8,
+           "prepare_ratio": 1.2, "bytes_per_token": 2.1, "launch_s": 5.0}
 
 # time_to_loss: the recipes compared, on the shapes of the issue (GPT S is nanoGPT's CPU shape and recipe).
 # `every`: steps between evaluations on the same fixed validation batches (2.5% of the run: the crossing
@@ -84,8 +85,9 @@ STEP_PHASES = ("forward", "backward", "optimizer")
 
 
 class Bench:
-    def __init__(self, smoke: bool, repeats: int, workdir: str, ttl_sizes: list[str] | None = None):
-        self.smoke, self.repeats, self.workdir = smoke, repeats, Path(workdir)
+    def __init__(self, smoke: bool, repeats: int, workdir: str, ttl_sizes: list[str] | None = None,
+                 data_sizes: list[str] | None = None):
+        self.smoke, self.repeats, self.workdir, self.data_sizes = smoke, repeats, Path(workdir), data_sizes
         self.ttl_sizes = TTL_SMOKE if smoke else {size: TTL_SIZES[size] for size in ttl_sizes or TTL_SIZES}
         self.sizes = SMOKE_SIZES if smoke else SIZES
         self.windows = 1 if smoke else 3  # measured windows per run, after one warm-up window
@@ -189,32 +191,10 @@ class Bench:
         return {"optimizer_steps": 4, "allreduce_grad_accum_1": counts[1], "allreduce_grad_accum_4": counts[4],
                 "no_allreduce_on_micro_steps": counts[1] == counts[4]}
 
-    def data(self) -> list[dict]:
-        """Tokenize-and-pack throughput per tokenizer and source, with a cold and a warm datasets cache."""
-        from lmdist import corpus, data
-        from lmdist.config import make_config
-
-        sources = {"builtin": ("builtin", sum(len(d.encode()) for d in corpus.builtin_documents()))}
-        if WIKITEXT.is_dir() and not self.smoke:  # optional input: the shared WikiText-2 splits
-            text = self.workdir / "wikitext-2.txt"
-            text.write_bytes((WIKITEXT / "valid.txt").read_bytes() + (WIKITEXT / "test.txt").read_bytes())
-            sources["wikitext-2"] = (str(text), text.stat().st_size)
-        rows = []
-        for source, (dataset, size) in sources.items():
-            for tokenizer in ("byte", "char", "word", "bpe") if not self.smoke else ("byte", "bpe"):
-                folder = self.workdir / f"data-{source}-{tokenizer}"
-                cfg = make_config({"dataset": dataset, "tokenizer": tokenizer, "cache_dir": str(folder / "cache"),
-                                   "output_dir": str(folder / "out")})
-                seconds = []
-                for warm in (False, True):  # warm: the second launch (resume, or the other ranks) reuses caches
-                    began = time.perf_counter()
-                    loaded = data.load_corpus(cfg, lambda build: build(), True, reuse_tokenizer=warm)
-                    data.PackedSequences(loaded.train, cfg.block_size, keep_partial=False)
-                    seconds.append(time.perf_counter() - began)
-                rows.append({"source": source, "tokenizer": tokenizer, "mb": size / 1e6,
-                             "tokens": loaded.train.n_tokens + loaded.val.n_tokens,
-                             "cold_mb_per_s": size / 1e6 / seconds[0], "warm_mb_per_s": size / 1e6 / seconds[1]})
-        return rows
+    def data(self) -> dict:
+        """Token preparation, launches and memory against the corpus's size, beside a nanoGPT-style baseline
+        (bench/data_scale.py says what and how)."""
+        return data_scale.measure(self.workdir, self.repeats, self.smoke, self.data_sizes)
 
     def efficiency(self, peak: dict) -> list[dict]:
         """tokens/s, MFU against the measured fp32 matmul rate, data wait and memory for every size."""
@@ -417,6 +397,9 @@ def main() -> None:
     parser.add_argument("--ttl_sizes", default=",".join(TTL_SIZES),
                         help=f"time_to_loss and step_costs: comma-separated sizes of {tuple(TTL_SIZES)} "
                              "(GPT M's time_to_loss takes ~30 min)")
+    parser.add_argument("--data_sizes", default=None,
+                        help=f"data: comma-separated corpus sizes of {tuple(data_scale.SIZES)} (default: all, 10GB "
+                             "where the disk holds it; about 40 min)")
     parser.add_argument("--out", default=None, help="figures as JSON (default bench/results.json; smoke: none)")
     parser.add_argument("--readme", default=None, help="README whose tables to regenerate "
                                                        "(default bench/README.md; smoke: none)")
@@ -438,7 +421,8 @@ def main() -> None:
         parser.error(f"{out} holds figures from another machine or torch; a partial run would mix them into one "
                      "table: run the whole suite here (without --only), or pass --out for a separate file")
     with tempfile.TemporaryDirectory(prefix="lmdist-bench-") as workdir:
-        results = Bench(args.smoke, 1 if args.smoke else args.repeats, workdir, ttl_sizes).run(sections)
+        data_sizes = [s for s in args.data_sizes.split(",") if s] if args.data_sizes else None
+        results = Bench(args.smoke, 1 if args.smoke else args.repeats, workdir, ttl_sizes, data_sizes).run(sections)
     if partial:  # a partial run refreshes its sections (those per size: the sizes it ran)
         saved = json.loads(Path(out).read_text())
         for section in set(sections) & {"time_to_loss", "step_costs"}:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from bench import data_scale as bench_data
 from bench import report
 from bench import run as bench_run
 from tests.conftest import REPO
@@ -36,8 +37,15 @@ def test_smoke_run_exercises_every_section(tmp_path):
     assert [r["grad_accum"] for r in results["scaling"]] == [1, 2]
     assert all(r["two_ranks_tokens_per_sec"] > 0 for r in results["scaling"])
     assert results["collectives"]["allreduce_grad_accum_1"] > 0
-    assert {(r["source"], r["tokenizer"]) for r in results["data"]} == {("builtin", "byte"), ("builtin", "bpe")}
-    assert all(r["cold_mb_per_s"] > 0 and r["warm_mb_per_s"] > 0 for r in results["data"])
+    data = results["data"]
+    assert [(r["size"], r["tokenizer"]) for r in data["rows"]] == [
+        (size, tokenizer) for size in bench_data.SMOKE_SIZES for tokenizer in ("byte", "bpe")]
+    for r in data["rows"]:  # both sides prepared every size, a launch trained on it and its resume did
+        assert len(r["lmdist_prepare_s"]) == len(r["baseline_prepare_s"]) == len(r["prepare_pair_ratios"]) == 1
+        assert r["tokens"] > 0 and r["bytes_per_token"] >= 2 and r["baseline_bytes_per_token"] == 2
+        assert 0 < r["launch_s"][0] < 120 and 0 < r["resume_s"][0] < 120 and r["rss_anon_mb"][0] > 50
+    assert all("bpe_from_text_s" in r for r in data["rows"] if r["tokenizer"] == "bpe")
+    assert set(data["exponents"]) == {"byte", "bpe"}
     assert all(r["mfu_fp32"] > 0 and r["peak_rss_mb"] > 0 for r in results["efficiency"])
     assert {(r["size"], r["option"]) for r in results["options"]} == {
         (s, o) for s in ("GPT S", "LSTM S") for o in ("compile", "bf16")}
@@ -70,6 +78,15 @@ def test_a_comparison_is_the_median_of_its_pairs_ratios(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "train", train)
     [row] = bench.overhead()
     assert row["pair_ratios"] == [1.0, 2.0, 0.75] and row["ratio"] == 1.0
+
+
+def test_growth_exponents_are_the_slopes_of_log_figures_against_log_size():
+    """A figure that grows as size**0.5 has exponent 0.5, a constant one 0; lists count by their median."""
+    rows = [{"tokenizer": "byte", "bytes": size, **{key: [0.1, size ** 0.5, 9 * size ** 0.5] if key == "launch_s"
+                                                    else 3.0 for key in bench_data.FIGURES.values()}}
+            for size in (10**7, 10**8, 10**9)]
+    found = bench_data.exponents(rows)["byte"]
+    assert found["warm launch s"] == pytest.approx(0.5) and found["resume s"] == pytest.approx(0.0)
 
 
 def test_a_partial_run_refuses_to_mix_machines_in_one_table(tmp_path):
