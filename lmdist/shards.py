@@ -77,7 +77,7 @@ from lmdist.sources import (
     split_text_bytes,
     text_source,
 )
-from lmdist.tokenizer import Tokenizer, build_tokenizer, encode_arrays, load_tokenizer
+from lmdist.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer, encode_arrays, load_tokenizer
 
 FORMAT = "lmdist-tokens-1"
 UNIT_BYTES = 32 << 20  # text per unit of work (and per shard file) at most
@@ -459,34 +459,40 @@ _WORK: dict = {}  # a worker's part of the preparation: the loaded datasets, the
 
 def _tokenize_all(work: list, datasets_: dict, tokenizer: Tokenizer, column: str, dtype: np.dtype, folder: str,
                   is_main: bool) -> list[dict]:
-    """Each unit through `_tokenize_unit`, on every core, with a progress bar on rank zero's terminal.
-
-    The workers come from a fork server, not a fork of this process: a trainer holds threads (gloo, OpenMP,
-    tokenizers), and a child forked while one of them holds a lock waits on that lock forever."""
+    """Each unit through `_tokenize_unit`, on every core, with a progress bar on rank zero's terminal."""
     setting = (datasets_, tokenizer, column, dtype, folder)
     total = sum(_unit_size(unit, datasets_) for _, _, unit in work)
     # less than 2 x UNIT_BYTES of text is tokenized in this process (bpe on its tokenizer's threads): starting
     # workers would cost more
     processes = min(launch.available_cores(), len(work)) if total >= 2 * UNIT_BYTES else 1
-    bar = _progress_bar(total, is_main)
     results = []
-    try:
-        if processes <= 1:
-            _start_worker(*setting, quiet=False)
+    if processes <= 1:
+        _start_worker(*setting, quiet=False)
+        with _progress_bar(total, is_main) as bar:
             for item in work:
                 results.append(_tokenize_unit(item))
                 bar.update(results[-1]["size"])
-        else:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["lmdist.shards"])
-            with context.Pool(processes, initializer=_start_worker, initargs=setting) as pool:
-                for result in pool.imap(_tokenize_unit, work):
-                    results.append(result)
-                    bar.update(result["size"])
-    finally:
-        bar.close()
-        _WORK.clear()
+    else:  # the workers start before the bar, whose monitor is a thread
+        with _worker_context(datasets_).Pool(processes, initializer=_start_worker, initargs=setting) as pool, \
+                _progress_bar(total, is_main) as bar:
+            for result in pool.imap(_tokenize_unit, work):
+                results.append(result)
+                bar.update(result["size"])
+    _WORK.clear()
     return results
+
+
+def _worker_context(datasets_: dict):
+    """Workers forked from this process when it has imported neither torch nor the rows of a table (`lmdist prepare`
+    of text files): its threads are then OpenBLAS's and tokenizers', which both survive a fork, and the workers
+    start at once. Else from a fork server, which costs a fresh interpreter's start and imports (0.4 s here): a
+    trainer holds threads (gloo, OpenMP), and a child forked while one of them holds a lock waits on it forever;
+    Arrow's thread pool holds rows of tables."""
+    if "torch" not in sys.modules and not datasets_:
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["lmdist.shards"])
+    return context
 
 
 def _start_worker(datasets_: dict, tokenizer: Tokenizer, column: str, dtype: np.dtype, folder: str,
@@ -537,16 +543,18 @@ def _tokenize_unit(item: tuple) -> dict:
             "bad_bytes": bad_bytes, "rows": rows, "size": _unit_size(unit, _WORK["datasets"])}
 
 
-def _unit_batches(unit, bad_bytes: dict[str, int]) -> Iterator[tuple[list[str], list[bool]]]:
-    """A unit's texts in batches of about TOKENIZE_BATCH_BYTES, with whether each ends its document."""
+def _unit_batches(unit, bad_bytes: dict[str, int]) -> Iterator[tuple[list[str | bytes], list[bool]]]:
+    """A unit's texts in batches of about TOKENIZE_BATCH_BYTES, with whether each ends its document. For the byte
+    tokenizer a piece that is valid UTF-8 stays bytes: its ids are its bytes (encode_arrays)."""
     if isinstance(unit, TextRange):
         texts, size = [], 0
+        as_bytes = isinstance(_WORK["tokenizer"], ByteTokenizer)
         for piece in _unit_pieces(unit):
             if size >= TOKENIZE_BATCH_BYTES:
                 yield texts, [False] * len(texts)
                 texts, size = [], 0
-            text, bad = decode_counting(piece)
-            texts.append(text)
+            text, bad = (piece, 0) if as_bytes and piece.isascii() else decode_counting(piece)
+            texts.append(piece if as_bytes and not bad else text)
             size += len(piece)
             if bad:
                 bad_bytes[unit.path] = bad_bytes.get(unit.path, 0) + bad

@@ -220,13 +220,15 @@ def encode_rows(tokenizer: Tokenizer, texts: list[str], ends: list[bool] | None 
     return batch
 
 
-def encode_arrays(tokenizer: Tokenizer, texts: list[str], ends: list[bool], dtype) -> list[np.ndarray]:
-    """`encode_rows` as one array of `dtype` per row: the byte tokenizer without a Python int per byte."""
+def encode_arrays(tokenizer: Tokenizer, texts: list[str] | list[str | bytes], ends: list[bool], dtype
+                  ) -> list[np.ndarray]:
+    """`encode_rows` as one array of `dtype` per row: the byte tokenizer without a Python int per byte, and of a
+    row given as bytes (valid UTF-8, checked by the caller) without decoding and encoding it again."""
     if not isinstance(tokenizer, ByteTokenizer):
         return [np.asarray(ids, dtype=dtype) for ids in encode_rows(tokenizer, texts, ends)]
     arrays = []
     for text, ends_document in zip(texts, ends, strict=True):
-        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
+        ids = np.frombuffer(text if isinstance(text, bytes) else text.encode("utf-8"), dtype=np.uint8).astype(dtype)
         arrays.append(np.append(ids, np.asarray(tokenizer.eos_id, dtype)) if ends_document else ids)
     return arrays
 

@@ -242,23 +242,34 @@ def test_a_killed_preparation_is_never_used_and_is_redone(tmp_path, small_units)
 
 
 PREPARE_WITHOUT_TORCH = textwrap.dedent("""
-    import sys
-    from lmdist import cli
+    import multiprocessing, sys
+    from lmdist import cli, shards, sources
+    if sys.argv[1] == "small_units":  # many units: the worker pool runs
+        shards.UNIT_BYTES, sources.PIECE_BYTES = 4096, 1024
+    contexts, get_context = [], multiprocessing.get_context
+    multiprocessing.get_context = lambda method=None: contexts.append(method) or get_context(method)
     try:
-        cli.main(["prepare", *sys.argv[1:]])
+        cli.main(["prepare", *sys.argv[2:]])
     except SystemExit as done:
         assert not done.code, done.code
-    print(sorted(name for name in ("torch", "datasets", "accelerate") if name in sys.modules))
+    print(contexts, sorted(name for name in ("torch", "datasets", "accelerate") if name in sys.modules))
 """)
 
 
-def test_lmdist_prepare_of_text_files_imports_neither_torch_nor_datasets(tmp_path):
-    """Their imports cost seconds: more than preparing 100 MB of text with the byte tokenizer here (bench/)."""
-    write_text(tmp_path / "a.txt", 200)
-    done = subprocess.run([sys.executable, "-c", PREPARE_WITHOUT_TORCH, "--dataset", str(tmp_path / "a.txt"),
+@pytest.mark.parametrize("units", ["small_units", "default_units"])
+def test_lmdist_prepare_of_text_files_imports_neither_torch_nor_datasets_and_forks_its_workers(tmp_path, units):
+    """Their imports cost seconds: more than preparing 100 MB of text with the byte tokenizer here (bench/). With
+    neither, nor table rows, nothing can hold a lock at a fork: the workers are forked at once, not from a fork
+    server's fresh interpreter (0.4 s)."""
+    text = write_text(tmp_path / "a.txt", 1500)
+    done = subprocess.run([sys.executable, "-c", PREPARE_WITHOUT_TORCH, units, "--dataset", str(tmp_path / "a.txt"),
                            "--tokens_dir", str(tmp_path / "tokens")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "prepared: " in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
+    assert "prepared: " in done.stdout
+    forked = ["fork"] if units == "small_units" else []
+    assert done.stdout.strip().splitlines()[-1] == f"{forked} []"
+    prepared = shards._open(done.stdout.splitlines()[0].removeprefix("prepared: "))
+    assert decoded(prepared, "train") + decoded(prepared, "val") == text
 
 
 @pytest.mark.launch
