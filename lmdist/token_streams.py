@@ -7,7 +7,7 @@ stream -- a mixture's also per source -- with the tokenizer that made them and t
 
 A TokenStream reads memory-mapped shards as one sequence of ids: opening one costs a manifest and a few mmaps,
 whatever the corpus's size. This module does not import torch (lmdist.data packs the streams into batches), so
-`lmdist prepare` starts in a fraction of a second: it matters where preparing takes seconds.
+`lmdist prepare` starts in a fraction of a second, not in the seconds torch takes to import.
 """
 from __future__ import annotations
 
