@@ -33,6 +33,7 @@ shards are what training reads.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -54,7 +55,7 @@ import numpy as np
 
 from lmdist import corpus, launch, sources
 from lmdist.config import TrainConfig
-from lmdist.errors import DataError
+from lmdist.errors import STORAGE_ERRNOS, DataError, LmdistError, StorageError, os_error_of, os_error_text
 from lmdist.files import write_json
 from lmdist.sources import (
     CONTINUES,
@@ -154,12 +155,7 @@ def prepare(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokeniz
     found = _open(path)
     if found is not None:
         return _replayed(found, say)
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the prepared-tokens folder {root} ({e.strerror}): set --tokens_dir to a "
-                        "writable folder") from None
-    with _locked(path + ".lock", say if is_main else _silent):
+    with _writing_in(root), _locked(path + ".lock", say if is_main else _silent):
         found = _open(path)  # another process may have prepared it while this one waited
         if found is not None:
             return _replayed(found, say)
@@ -173,6 +169,31 @@ def prepare(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokeniz
 
 def _silent(message: str) -> None:
     """Ranks other than the main one say nothing about the data: the main process said it."""
+
+
+@contextmanager
+def _writing_in(root: str) -> Iterator[None]:
+    """Create `root` and write in it, with a failed write told as what to do about it: a folder this process may
+    not write in is a setting to change (exit 2), a full or failing disk is storage's (exit 74; the partial
+    preparation is removed, and a relaunch prepares again). The source's own errors and lmdist's pass through."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        yield
+    except LmdistError:
+        raise
+    except Exception as error:
+        cause = os_error_of(error)
+        inside = os.path.join(os.path.abspath(root), "")
+        written = cause is not None and (os.path.join(os.path.abspath(cause.filename), "").startswith(inside)
+                                         if isinstance(cause.filename, str) else cause.errno in STORAGE_ERRNOS)
+        if not written:
+            raise
+        if cause.errno in STORAGE_ERRNOS - {errno.EROFS}:
+            raise StorageError(f"cannot write the prepared tokens in {root}: {os_error_text(cause)}; free space or "
+                               "set --tokens_dir to a folder with room (2 bytes a token, 4 above 65,536 tokens in the "
+                               "vocabulary), then relaunch: the preparation starts again") from None
+        raise DataError(f"cannot write in the prepared-tokens folder {root} ({cause.strerror}): set --tokens_dir to a "
+                        "folder this process may write in") from None
 
 
 def _replayed(found: Prepared, say: Callable[[str], None]) -> Prepared:
@@ -198,8 +219,7 @@ def mixture_tokenizer(cfg: TrainConfig, configs: list[TrainConfig], weights: lis
                                for c, w in zip(configs, weights, strict=True)]})
     folder = os.path.join(tokens_root(cfg), "tokenizers", key)
     if not os.path.exists(os.path.join(folder, "lmdist_tokenizer.json")):
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        with _locked(folder + ".lock", say if is_main else _silent):
+        with _writing_in(os.path.dirname(folder)), _locked(folder + ".lock", say if is_main else _silent):
             if not os.path.exists(os.path.join(folder, "lmdist_tokenizer.json")):
                 def texts() -> Iterator[str]:
                     for source_cfg, weight in zip(configs, weights, strict=True):

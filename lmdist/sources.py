@@ -239,7 +239,14 @@ def local_files(spec: str) -> LocalFiles:
                   for f in (sorted(glob.glob(os.path.join(match, "**", "*"), recursive=True))
                             if os.path.isdir(match) else [match])]
     kinds, left_out = {}, {}
-    for candidate in filter(os.path.isfile, candidates):
+    candidates = list(filter(os.path.isfile, candidates))
+    read_as = {}  # each file once, however many links name it (GPL -> GPL-3): by its own name where it has one
+    for candidate in sorted(candidates, key=os.path.islink):
+        read_as.setdefault(os.path.realpath(candidate), candidate)
+    for candidate in candidates:
+        if read_as[os.path.realpath(candidate)] != candidate:
+            left_out[candidate] = f"the same file as {read_as[os.path.realpath(candidate)]}"
+            continue
         kind = file_kind(candidate) if os.path.getsize(candidate) else "empty"
         if kind in (None, "empty"):
             left_out[candidate] = kind or "binary"

@@ -5,22 +5,25 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmdist import files
+from lmdist import files, shards
 from lmdist.checkpoint import verify
 from lmdist.config import TrainConfig, parse_args
 from lmdist.errors import (
     EXIT_STOPPED,
     EXIT_STORAGE,
     ConfigError,
+    DataError,
     StorageError,
     UnexpectedError,
     as_user_error,
@@ -90,6 +93,33 @@ def test_a_read_only_output_dir_is_refused_at_start(markov_files, tmp_path, tmpf
         assert result.returncode == 2, result.stderr[-3000:]
         assert f"--output_dir {output_dir} is not a writable folder ([Errno 30] Read-only file system)" in result.stderr
         no_traceback(result)
+
+
+def test_a_tokens_dir_this_process_cannot_write_in_is_named_with_the_fix(tmp_path, tmpfs):
+    """Exit 2 (a setting to change), not a traceback from the lock file nor storage's message about checkpoints;
+    a read-only folder that holds the preparation already still serves it."""
+    (tmp_path / "a.txt").write_text("some text to prepare\n" * 50)
+    cfg = TrainConfig(dataset=str(tmp_path / "a.txt"))
+    read_only = tmpfs("read-only", "size=1m,ro")
+    for folder in ("/proc", str(read_only), str(tmp_path / "a.txt" / "tokens")):
+        with pytest.raises(DataError, match=rf"cannot write in the prepared-tokens folder {re.escape(folder)} \(.*\): "
+                                            "set --tokens_dir to a folder this process may write in") as refused:
+            shards.prepare(replace(cfg, tokens_dir=folder), print, True)
+        assert refused.value.exit_code == 2
+    prepared = tmpfs("prepared", "size=1m")
+    made = shards.prepare(replace(cfg, tokens_dir=str(prepared)), print, True)
+    subprocess.run(["mount", "-o", "remount,ro", str(prepared)], check=True)
+    assert shards.prepare(replace(cfg, tokens_dir=str(prepared)), print, True).path == made.path
+
+
+def test_a_full_tokens_dir_says_what_to_free_and_leaves_no_partial_preparation(tmp_path, tmpfs):
+    (tmp_path / "a.txt").write_text("a line of text that fills the disk\n" * 10_000)  # 350 KB: 700 KB of tokens
+    disk = tmpfs("small", "size=128k")
+    with pytest.raises(StorageError, match=rf"cannot write the prepared tokens in {re.escape(str(disk))}: \[Errno 28\] "
+                                           "No space left on device; free space or set --tokens_dir") as refused:
+        shards.prepare(TrainConfig(dataset=str(tmp_path / "a.txt"), tokens_dir=str(disk)), print, True)
+    assert refused.value.exit_code == EXIT_STORAGE
+    assert [p.suffix for p in disk.iterdir()] == [".lock"], "the partial preparation is removed"
 
 
 def test_disk_full_mid_run_names_the_file_keeps_older_checkpoints_and_the_relaunch_continues(markov_files, tmp_path,

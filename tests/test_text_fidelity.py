@@ -206,6 +206,15 @@ def test_a_folder_leaves_out_binary_files_and_text_beside_tables_with_a_note(tmp
     corpus_of(tmp_path, str(tmp_path / "texts"))
     err = capsys.readouterr().err
     assert "2 file(s) left out" in err and "logo.png (binary)" in err and "__init__.py (empty)" in err
+    # a file named twice -- a link beside its target (GPL -> GPL-3), another to it -- is read once, by its own name
+    (tmp_path / "texts" / "a-link.md").symlink_to("a.md")
+    (tmp_path / "texts" / "0-link").symlink_to(tmp_path / "texts" / "a-link.md")
+    found = sources.local_files(str(tmp_path / "texts"))
+    assert [p.rsplit("/", 1)[1] for p in found.files] == ["a.md", "b"]
+    same = f"the same file as {tmp_path / 'texts' / 'a.md'}"
+    assert {found.left_out[str(tmp_path / "texts" / name)] for name in ("a-link.md", "0-link")} == {same}
+    loaded = corpus_of(tmp_path, str(tmp_path / "texts"), val_fraction=0.2)
+    assert loaded.train.n_tokens + loaded.val.n_tokens == len("markdown\n" * 20 + "no extension\n" * 20) + 2
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "README.md").write_text("# a dataset card\n")
     (tmp_path / "hub" / "train.jsonl").write_text(json.dumps({"text": "a row"}) + "\n")
