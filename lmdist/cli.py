@@ -252,6 +252,7 @@ def train(flags: list[str]) -> None:
 
 PREPARE_SUMMARY = ("Tokenize a run's data into prepared token shards ahead of training, with train.py's flags "
                    "(e.g. in a CPU job before the GPU job).")
+LOCAL_PATH_FIELDS = ("dataset", "mixture", "val_dataset", "tokenizer", "cache_dir", "tokens_dir")
 # the fields that decide which prepared shards a run reads (lmdist.shards' key), shown in `prepare`'s hint
 DATA_FIELDS = ("dataset", "mixture", "dataset_config", "val_dataset", "val_fraction", "text_column", "tokenizer",
                "bpe_vocab_size", "bpe_sample_bytes", "min_freq", "streaming", "cache_dir", "tokens_dir")
@@ -260,12 +261,17 @@ DATA_FIELDS = ("dataset", "mixture", "dataset_config", "val_dataset", "val_fract
 def prepare(flags: list[str]) -> None:
     """Prepare the token shards of the run these flags describe, then print the flags that find them again."""
     import shlex
+    import textwrap
 
     from lmdist import shards, token_streams
     from lmdist.config import TrainConfig, load_config
     from lmdist.sources import warn
 
-    cfg = load_config(flags, prog="lmdist prepare")
+    about = (f"{PREPARE_SUMMARY} It takes the training command's flags, so that the same flags find the result; "
+             f"those that decide the tokens: {', '.join(f'--{name}' for name in DATA_FIELDS)}. The others are "
+             "checked, not used.")
+    cfg = load_config(flags, usage=["usage: lmdist prepare [--config FILE.yaml] [--FIELD VALUE ...]", "",
+                                    *textwrap.wrap(about, 100)])
     for spec in token_streams.data_specs(cfg):
         token_streams.check_source(spec)
     token_streams.quiet_progress_bars(True)
@@ -286,8 +292,20 @@ def prepare(flags: list[str]) -> None:
              if name in ("tokenizer", "dataset" if cfg.mixture is None else "mixture")
              or getattr(cfg, name) != getattr(defaults, name)}
     shown["tokens_dir"] = shards.tokens_root(cfg)
+    shown = {name: _absolute(name, value) for name, value in shown.items()}
     print("train on it with these flags (and any others):")
     print("  " + " ".join(f"--{name} {shlex.quote(str(value))}" for name, value in shown.items()), flush=True)
+
+
+def _absolute(name: str, value):
+    """A local path of `prepare`'s printed flags made absolute, for a job that starts in another folder; a hub
+    name, an inline mixture and the other values as given."""
+    import glob
+
+    path = os.path.expanduser(value) if name in LOCAL_PATH_FIELDS and isinstance(value, str) else None
+    if path is not None and (name in ("cache_dir", "tokens_dir") or os.path.exists(path) or glob.glob(path)):
+        return os.path.abspath(path)
+    return value
 
 
 def run_command(argv: list[str]) -> None:

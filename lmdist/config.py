@@ -198,10 +198,11 @@ _WRITTEN_BEFORE_STYLES = frozenset({"n_layer", "n_head", "n_embd", "dropout", "t
 
 # ----------------------------------------------------------------------------- parsing
 
-def load_config(argv: list[str], prog: str = "train.py") -> TrainConfig:
-    """The config for a command line; `-h`/`--help` prints every field and exits 0."""
+def load_config(argv: list[str], usage: list[str] | None = None) -> TrainConfig:
+    """The config for a command line; `-h`/`--help` prints `usage` (train.py's by default) and every field, and
+    exits 0."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text(prog), flush=True)  # a closed pipe (`--help | head`) fails here, not at exit
+        print(help_text(usage), flush=True)  # a closed pipe (`--help | head`) fails here, not at exit
         raise SystemExit(0)
     return parse_args(argv)
 
@@ -357,13 +358,18 @@ def validate(cfg: TrainConfig) -> None:
 
 # ----------------------------------------------------------------------------- help
 
-def help_text(prog: str = "train.py") -> str:
-    """Every field with its type, default and meaning, grouped as in docs/config.md."""
+TRAIN_USAGE = [
+    "usage: accelerate launch train.py [--config FILE.yaml] [--FIELD VALUE ...]",
+    "       python train.py ... | torchrun --nproc_per_node N train.py ...",
+    "       lmdist train ... | accelerate launch -m lmdist.train ... | torchrun ... -m lmdist.train ...",
+]
+
+
+def help_text(usage: list[str] | None = None) -> str:
+    """`usage` (train.py's by default), then every field with its type, default and meaning, grouped as in
+    docs/config.md."""
     return TRAIN_FLAGS.help_text([
-        f"usage: accelerate launch {prog} [--config FILE.yaml] [--FIELD VALUE ...]",
-        f"       python {prog} ... | torchrun --nproc_per_node N {prog} ...",
-        "       lmdist train ... | accelerate launch -m lmdist.train ... | torchrun ... -m lmdist.train ...",
-        "",
+        *(usage or TRAIN_USAGE), "",
         "Values come from the defaults, then --config (a YAML mapping of field: value, e.g. a run's",
         "config.yaml), then flags. Booleans take true/false (or --FIELD / --noFIELD).",
     ])

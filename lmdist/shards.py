@@ -126,11 +126,12 @@ class Prepared:
 
 
 def tokens_root(cfg: TrainConfig) -> str:
-    """`tokens_dir`, else `lmdist-tokens` in the datasets cache (cache_dir or the library's own)."""
+    """`tokens_dir`, else `lmdist-tokens` in the datasets cache (cache_dir or the library's own), as an absolute path:
+    it is printed for commands that may run in another folder."""
     if cfg.tokens_dir:
-        return os.path.expanduser(cfg.tokens_dir)
+        return os.path.abspath(os.path.expanduser(cfg.tokens_dir))
     if cfg.cache_dir:
-        return os.path.join(os.path.expanduser(cfg.cache_dir), "lmdist-tokens")
+        return os.path.join(os.path.abspath(os.path.expanduser(cfg.cache_dir)), "lmdist-tokens")
     from datasets import config
 
     return os.path.join(str(config.HF_DATASETS_CACHE), "lmdist-tokens")

@@ -130,6 +130,15 @@ def test_a_mistake_reads_the_same_in_train_py_and_a_command():
     assert command.stderr == script.stderr == "lmdist: error: --batch_size: expects an integer, got 'abc'\n"
 
 
+def test_prepare_help_says_how_to_run_it_and_which_flags_decide_the_tokens(capfd):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["prepare", "--help"])
+    head = capfd.readouterr().out.split("\n\nValues come from")[0]
+    assert done.value.code == 0 and head.startswith("usage: lmdist prepare [--config FILE.yaml] [--FIELD VALUE ...]")
+    assert "accelerate launch" not in head and "train.py" in head  # how to run prepare, not how to run training
+    assert "decide the tokens: --dataset, --mixture," in " ".join(head.split())
+
+
 def test_boolean_flags_take_every_form(capfd):
     from lmdist.config import help_text, markdown_table
 

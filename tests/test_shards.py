@@ -274,14 +274,18 @@ def test_lmdist_prepare_of_text_files_imports_neither_torch_nor_datasets_and_for
 
 @pytest.mark.launch
 def test_lmdist_prepare_prints_the_flags_a_run_then_trains_on(tmp_path):
+    """Given relative paths, it prints absolute ones: a job started in another folder trains on them."""
     write_text(tmp_path / "a.txt", 3000)
-    prepared = subprocess.run([sys.executable, "-m", "lmdist", "prepare", "--dataset", str(tmp_path / "a.txt"),
-                               "--tokens_dir", str(tmp_path / "tokens"), "--val_fraction", "0.1"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    prepared = subprocess.run([sys.executable, "-m", "lmdist", "prepare", "--dataset", "a.txt", "--tokens_dir",
+                               "tokens", "--val_fraction", "0.1"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
     assert prepared.returncode == 0, prepared.stderr
     flags = prepared.stdout.strip().splitlines()[-1].split()
     assert flags[:2] == ["--dataset", str(tmp_path / "a.txt")] and "--val_fraction" in flags
-    run = launch([*TINY_GPT, *flags, "--output_dir", str(tmp_path / "run"), "--max_steps", "2"], cwd=tmp_path)
+    assert flags[flags.index("--tokens_dir") + 1] == str(tmp_path / "tokens")
+    (tmp_path / "elsewhere").mkdir()
+    run = launch([*TINY_GPT, *flags, "--output_dir", str(tmp_path / "run"), "--max_steps", "2"],
+                 cwd=tmp_path / "elsewhere")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "prepared " not in run.stderr  # found, not made again
     folder = prepared.stdout.splitlines()[0].removeprefix("prepared: ")
