@@ -20,6 +20,7 @@ batches as all its sources hold sequences together.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Iterator
@@ -96,20 +97,24 @@ def _read_entries(path: str) -> list[dict]:
     example = "[{dataset: wiki.txt, weight: 3}, {dataset: code/, weight: 1, name: code}]"
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"--mixture {path} must be a YAML list of sources, e.g. {example}")
-    for entry in entries:
-        unknown = set(entry) - SOURCE_KEYS
-        if unknown or "dataset" not in entry or "weight" not in entry:
-            raise ConfigError(f"--mixture {path}: each source needs `dataset` and `weight` (and may have "
-                              f"{', '.join(sorted(SOURCE_KEYS - {'dataset', 'weight'}))})"
-                              + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else "")
-                              + f", e.g. {example}")
+    for number, entry in enumerate(entries, 1):
+        problems = [f"no {key}" for key in ("dataset", "weight") if key not in entry]
+        for key in sorted(set(entry) - SOURCE_KEYS, key=str):
+            close = difflib.get_close_matches(str(key), SOURCE_KEYS, n=1)
+            problems.append(f"unknown key {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        if problems:
+            raise ConfigError(f"--mixture {path}: source {number} ({entry.get('dataset', 'no dataset')}) has "
+                              f"{', '.join(problems)}: each source needs `dataset` and `weight` (and may have "
+                              f"{', '.join(sorted(SOURCE_KEYS - {'dataset', 'weight'}))}), e.g. {example}")
     return entries
 
 
 def default_name(spec: str) -> str:
-    """A source's name from its spec: the file or folder name without extension ("wiki.txt" -> "wiki")."""
+    """A source's name from its spec: the file or folder name without an extension ("wiki.txt" -> "wiki"), where
+    what follows the last dot is one ("Apache-2.0" and "v1.2" keep theirs)."""
     base = os.path.basename(spec.rstrip("/").replace("*", "")) or spec
-    return os.path.splitext(base)[0].replace(" ", "_") or "source"
+    stem, extension = os.path.splitext(base)
+    return (stem if extension[1:].isalpha() else base).replace(" ", "_") or "source"
 
 
 def shares(sources: list[Source]) -> np.ndarray:

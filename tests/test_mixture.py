@@ -77,6 +77,8 @@ def test_a_global_batch_too_small_for_the_sources_is_refused():
 def test_the_spec_inline_and_in_yaml(tmp_path):
     assert parse_mixture("data/wiki.txt:3, code/:1") == [Source("wiki", "data/wiki.txt", 3.0),
                                                          Source("code", "code/", 1.0)]
+    # a name keeps what follows its last dot unless that is an extension
+    assert [s.name for s in parse_mixture("licenses/Apache-2.0:1,data/v1.2/:1")] == ["Apache-2.0", "v1.2"]
     (tmp_path / "mix.yaml").write_text("- {dataset: a.jsonl, weight: 2, text_column: body}\n"
                                        "- {dataset: user/hub-set, weight: 1, name: hub, dataset_config: en}\n")
     assert parse_mixture(str(tmp_path / "mix.yaml")) == [Source("a", "a.jsonl", 2.0, "body"),
@@ -96,8 +98,9 @@ def test_bad_specs_name_the_fix(spec, message):
 
 
 def test_a_yaml_mixture_with_an_unknown_key_is_refused(tmp_path):
-    (tmp_path / "mix.yaml").write_text("- {dataset: a.txt, weight: 1, wieght: 2}\n- {dataset: b.txt, weight: 1}\n")
-    with pytest.raises(ConfigError, match="unknown: wieght"):
+    (tmp_path / "mix.yaml").write_text("- {dataset: a.txt, weight: 1}\n- {dataset: b.txt, wieght: 2}\n")
+    with pytest.raises(ConfigError, match=r"source 2 \(b.txt\) has no weight, unknown key 'wieght' \(did you mean "
+                                          r"weight\?\): each source needs"):
         parse_mixture(str(tmp_path / "mix.yaml"))
 
 
