@@ -132,9 +132,17 @@ def tokens_root(cfg: TrainConfig) -> str:
         return os.path.abspath(os.path.expanduser(cfg.tokens_dir))
     if cfg.cache_dir:
         return os.path.join(os.path.abspath(os.path.expanduser(cfg.cache_dir)), "lmdist-tokens")
-    from datasets import config
+    return os.path.join(os.path.abspath(datasets_cache()), "lmdist-tokens")
 
-    return os.path.join(str(config.HF_DATASETS_CACHE), "lmdist-tokens")
+
+def datasets_cache() -> str:
+    """The datasets library's cache folder (its `config.HF_DATASETS_CACHE`), found by its own rule without importing
+    it: a launch that reads only prepared text files needs nothing else of datasets, and its import is about a
+    second of every start. HF_DATASETS_CACHE, else HF_HOME/datasets, else $XDG_CACHE_HOME (~/.cache)/huggingface/
+    datasets; tests/test_shards.py holds it to datasets' own value."""
+    hf_home = os.path.expanduser(os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"),
+                                                                    "huggingface")))
+    return os.getenv("HF_DATASETS_CACHE", os.path.join(hf_home, "datasets"))
 
 
 def prepare(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokenizer: Tokenizer | None = None,

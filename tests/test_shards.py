@@ -143,6 +143,38 @@ def test_the_key_follows_the_data_and_the_tokenizer(tmp_path):
     assert shards.prepare(cfg_for(tmp_path, tmp_path / "a.txt"), print, True).path != base
 
 
+DATASETS_CACHE_CASES = textwrap.dedent("""
+    import importlib, os, sys
+    from lmdist import shards
+    from lmdist.config import TrainConfig
+    cases = [{}, {"XDG_CACHE_HOME": "/x/cache"}, {"HF_HOME": "~/hf", "XDG_CACHE_HOME": "/x/cache"},
+             {"HF_DATASETS_CACHE": "/d/cache", "HF_HOME": "/h"}]
+    ours = []
+    for case in cases:
+        os.environ.update(case)
+        ours.append(shards.tokens_root(TrainConfig(dataset="a.txt")))
+        for name in case:
+            del os.environ[name]
+    assert "datasets" not in sys.modules, "tokens_root imported datasets"
+    import datasets.config
+    for case, root in zip(cases, ours):
+        os.environ.update(case)
+        importlib.reload(datasets.config)  # its constants are read from the environment at import
+        assert root == os.path.join(str(datasets.config.HF_DATASETS_CACHE), "lmdist-tokens"), (case, root)
+        for name in case:
+            del os.environ[name]
+    print("same")
+""")
+
+
+def test_the_default_tokens_dir_is_in_datasets_cache_found_without_importing_datasets():
+    """Importing datasets is about a second of every launch; a run on prepared text files needs nothing else of it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME")}
+    done = subprocess.run([sys.executable, "-c", DATASETS_CACHE_CASES], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.stdout.strip() == "same", done.stderr[-3000:]
+
+
 def test_a_warm_opening_reads_no_text_and_repeats_the_warnings(tmp_path, monkeypatch):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_bytes(b"caf\xe9 au lait\n" * 50)  # Latin-1: one warning
