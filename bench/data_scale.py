@@ -38,6 +38,7 @@ SIZES = {"10MB": 10**7, "100MB": 10**8, "1GB": 10**9, "10GB": 10**10}
 SMOKE_SIZES = {"1MB": 10**6, "2MB": 2 * 10**6}
 BPE_UP_TO = 10**9
 STEPS = 200  # steps of the warm launch before its memory is read and it is stopped
+SMOKE_STEPS = 10
 LAUNCH = ("--model gpt --n_layer 2 --n_head 2 --n_embd 64 --block_size 128 --batch_size 8 --eval_every 1000000 "
           "--save_every 1000000 --sample_every 0 --wandb_mode disabled --log_every 50")
 
@@ -59,12 +60,13 @@ def measure(workdir: Path, repeats: int, smoke: bool, sizes: list[str] | None = 
             rows.append({"size": name, "bytes": size, "tokenizer": tokenizer,
                          **_prepare_pairs(workdir, corpora[name], bpe if tokenizer == "bpe" else "byte", pairs)})
             print(f"bench: data {name} {tokenizer} prepared", file=sys.stderr, flush=True)
-    _launches(workdir, rows, corpora, bpe, repeats)
+    steps = SMOKE_STEPS if smoke else STEPS
+    _launches(workdir, rows, corpora, bpe, repeats, steps)
     for row in rows:
         if row["tokenizer"] == "bpe":
             row["bpe_from_text_s"] = _bpe_from_text(workdir, corpora[row["size"]])
         shutil.rmtree(row.pop("tokens_dir"), ignore_errors=True)
-    return {"rows": rows, "exponents": exponents(rows), "steps": STEPS, "launch_flags": LAUNCH,
+    return {"rows": rows, "exponents": exponents(rows), "steps": steps, "launch_flags": LAUNCH,
             "corpus": "wikitext-2" if WIKITEXT.is_dir() else "builtin"}
 
 
@@ -132,8 +134,8 @@ def _prepare_pairs(workdir: Path, corpus: Path, tokenizer: str, pairs: int) -> d
             "tokens_dir": str(kept)}
 
 
-def _launches(workdir: Path, rows: list[dict], corpora: dict, bpe: str, repeats: int) -> None:
-    """Warm launch, memory at STEPS and resume of every row, the rows alternating their order each round."""
+def _launches(workdir: Path, rows: list[dict], corpora: dict, bpe: str, repeats: int, steps: int) -> None:
+    """Warm launch, memory at `steps` and resume of every row, the rows alternating their order each round."""
     for row in rows:
         row.update(launch_s=[], resume_s=[], rss_anon_mb=[], rss_file_mb=[])
     for round_ in range(repeats):
@@ -144,8 +146,8 @@ def _launches(workdir: Path, rows: list[dict], corpora: dict, bpe: str, repeats:
             shutil.rmtree(out, ignore_errors=True)
             flags = [*LAUNCH.split(), "--dataset", str(corpora[row["size"]]), "--tokens_dir", row["tokens_dir"],
                      "--tokenizer", bpe if row["tokenizer"] == "bpe" else "byte", "--output_dir", str(out),
-                     "--max_steps", str(STEPS + 20)]
-            warm = _probe(workdir, STEPS, flags)
+                     "--max_steps", str(steps + 20)]
+            warm = _probe(workdir, steps, flags)
             resumed = _probe(workdir, 0, flags)
             if resumed["first_step"] <= warm["stopped_at"]:
                 raise RuntimeError(f"the second launch did not resume: {resumed}")

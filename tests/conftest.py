@@ -10,12 +10,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests import faults
+from tests import faults, prewarmed
 from tests.markov import MarkovSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,8 @@ def free_port() -> int:
 def launch_command(args: list[str], nproc: int = 1, launcher: str = "python", config: str = "cpu.yaml",
                    script: Path = TRAIN) -> list[str]:
     """`script args` under a launcher: python, torchrun, accelerate (--multi_gpu) or accelerate-config (the
-    accelerate_configs/ file `config`, with nproc processes); W&B off unless `args` say otherwise."""
+    accelerate_configs/ file `config`, with nproc processes); W&B off and samples of 8 tokens (a tiny model's 64
+    cost more than its steps) unless `args` say otherwise."""
     prefix = {
         "python": [sys.executable],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)],
@@ -74,6 +76,8 @@ def launch_command(args: list[str], nproc: int = 1, launcher: str = "python", co
     }[launcher]
     if "--wandb_mode" not in args:
         args = [*args, "--wandb_mode", "disabled"]
+    if "--sample_tokens" not in args:
+        args = [*args, "--sample_tokens", "8"]
     return [*prefix, str(script), *args]
 
 
@@ -84,9 +88,30 @@ def launch_env(env: dict | None = None) -> dict:
 
 def launch(args: list[str], cwd: Path, nproc: int = 1, launcher: str = "python", env: dict | None = None,
            timeout: int = 300, script: Path = TRAIN, config: str = "cpu.yaml") -> subprocess.CompletedProcess:
-    """Run `launch_command(...)` to its end."""
-    return subprocess.run(launch_command(args, nproc, launcher, config, script), cwd=cwd, env=launch_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+    """Run `launch_command(...)` to its end: a single-process train.py launch forked from the prewarmed server
+    (tests/prewarmed.py) where that gives what a fresh interpreter would, else spawned."""
+    command, full_env = launch_command(args, nproc, launcher, config, script), launch_env(env)
+    if launcher == "python" and script == TRAIN and not os.environ.get("LMDIST_TEST_SPAWN"):
+        server = _prewarmed_server()
+        if server.serves(full_env):
+            return server.run(command, cwd, full_env, timeout)
+    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+_PREWARMED: list[prewarmed.Server] = []
+
+
+def _prewarmed_server() -> prewarmed.Server:
+    if not _PREWARMED:
+        _PREWARMED.append(prewarmed.Server(Path(tempfile.mkdtemp(prefix="lmdist-prewarmed-")), launch_env()))
+    return _PREWARMED[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_prewarmed_server():
+    yield
+    for server in _PREWARMED:
+        server.close()
 
 
 def run_ok(*a, **kw) -> subprocess.CompletedProcess:

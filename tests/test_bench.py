@@ -42,7 +42,8 @@ def test_smoke_run_exercises_every_section(tmp_path):
         (size, tokenizer) for size in bench_data.SMOKE_SIZES for tokenizer in ("byte", "bpe")]
     for r in data["rows"]:  # both sides prepared every size, a launch trained on it and its resume did
         assert len(r["lmdist_prepare_s"]) == len(r["baseline_prepare_s"]) == len(r["prepare_pair_ratios"]) == 1
-        assert r["tokens"] > 0 and r["bytes_per_token"] >= 2 and r["baseline_bytes_per_token"] == 2
+        # per lmdist's token: the baseline's BPE, cutting its byte ranges elsewhere, makes a few tokens more or less
+        assert r["tokens"] > 0 and r["bytes_per_token"] >= 2 and r["baseline_bytes_per_token"] == pytest.approx(2, 1e-3)
         assert 0 < r["launch_s"][0] < 120 and 0 < r["resume_s"][0] < 120 and r["rss_anon_mb"][0] > 50
     assert all("bpe_from_text_s" in r for r in data["rows"] if r["tokenizer"] == "bpe")
     assert set(data["exponents"]) == {"byte", "bpe"}

@@ -22,6 +22,7 @@ from tests.conftest import (
     TRAIN,
     equivalence_args,
     final_weights,
+    launch,
     launch_command,
     launch_env,
     read_metrics,
@@ -151,8 +152,7 @@ def test_a_stopped_hf_run_relaunched_is_bitwise_the_unstopped_run(markov_files, 
     assert not (stopped / "final").exists(), "the stop came after the run's end: make it longer"
     written = config.read_text()
     config.write_text(json.dumps({**json.loads(written), "rms_norm_eps": 1e-5}))
-    refused = subprocess.run(launch_command([*args, "--output_dir", str(stopped)]), cwd=tmp_path, env=launch_env(),
-                             capture_output=True, text=True, timeout=120)
+    refused = launch([*args, "--output_dir", str(stopped)], cwd=tmp_path, timeout=120)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"hf_config {config} differs from the transformers config the checkpoint" in refused.stderr
     assert "rms_norm_eps (checkpoint 1e-06, now 1e-05)" in refused.stderr
@@ -286,6 +286,5 @@ def test_bad_hf_configs_are_refused_by_name(markov_files, tmp_path, flags, messa
     (tmp_path / "encoder.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
                                                        "num_attention_heads": 4, "intermediate_size": 64}))
     args = [*base_args(markov_files), *[paths.get(f, f) for f in flags]]
-    done = subprocess.run(launch_command([*args, "--output_dir", str(tmp_path / "o")]), cwd=REPO, env=launch_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = launch([*args, "--output_dir", str(tmp_path / "o")], cwd=REPO, timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
