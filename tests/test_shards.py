@@ -19,7 +19,7 @@ from lmdist.config import TrainConfig
 from lmdist.errors import DataError
 from lmdist.tokenizer import ByteTokenizer
 from tests import faults
-from tests.conftest import TINY_GPT, launch
+from tests.conftest import TINY_GPT, launch, run_on_terminal
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "one", "dog", "ran", "after", "ducks", "near", "old", "barns"]
 
@@ -302,6 +302,19 @@ def test_lmdist_prepare_of_text_files_imports_neither_torch_nor_datasets_and_for
     assert done.stdout.strip().splitlines()[-1] == f"{forked} []"
     prepared = shards._open(done.stdout.splitlines()[0].removeprefix("prepared: "))
     assert decoded(prepared, "train") + decoded(prepared, "val") == text
+
+
+def test_the_preparation_shows_a_bar_on_a_terminal_only(tmp_path):
+    write_text(tmp_path / "a.txt", 3000)
+    command = [sys.executable, "-m", "lmdist", "prepare", "--dataset", "a.txt"]
+    on_terminal = run_on_terminal([*command, "--tokens_dir", "shown"], cwd=tmp_path, columns=80)
+    assert "preparing tokens: 100%" in on_terminal
+    piped = subprocess.run([*command, "--tokens_dir", "piped"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert piped.returncode == 0 and "preparing tokens" not in piped.stdout + piped.stderr
+    assert "tqdm" not in subprocess.run([sys.executable, "-c", "import sys; from lmdist import shards; "
+                                         "shards._progress_bar(1, True); print(sorted(sys.modules))"],
+                                        capture_output=True, text=True, timeout=60).stdout
 
 
 @pytest.mark.launch
