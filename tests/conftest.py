@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,29 +80,31 @@ def launch_command(args: list[str], nproc: int = 1, launcher: str = "python", co
     return [*prefix, str(script), *args]
 
 
-def launch_env(env: dict | None = None) -> dict:
+def launch_env(env: dict | None = None, prewarmed: bool = True) -> dict:
+    """The environment of a test's launch: os.environ with `env` (None removes a variable), and, unless
+    `prewarmed` is False or LMDIST_TEST_SPAWN is set, the hook that forks train.py and the launchers from the
+    session's prewarmed server (tests/prewarmed.py) where that gives what a fresh interpreter would."""
     full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return {k: v for k, v in full_env.items() if v is not None}  # None in `env` removes a variable
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    if prewarmed and not os.environ.get("LMDIST_TEST_SPAWN"):
+        full_env = prewarmed_server().env(full_env)
+    return full_env
 
 
 def launch(args: list[str], cwd: Path, nproc: int = 1, launcher: str = "python", env: dict | None = None,
-           timeout: int = 300, script: Path = TRAIN, config: str = "cpu.yaml") -> subprocess.CompletedProcess:
-    """Run `launch_command(...)` to its end: a single-process train.py launch forked from the prewarmed server
-    (tests/prewarmed.py) where that gives what a fresh interpreter would, else spawned."""
-    command, full_env = launch_command(args, nproc, launcher, config, script), launch_env(env)
-    if launcher == "python" and script == TRAIN and not os.environ.get("LMDIST_TEST_SPAWN"):
-        server = _prewarmed_server()
-        if server.serves(full_env):
-            return server.run(command, cwd, full_env, timeout)
-    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+           timeout: int = 300, script: Path = TRAIN, config: str = "cpu.yaml",
+           prewarmed: bool = True) -> subprocess.CompletedProcess:
+    """Run `launch_command(...)` to its end."""
+    return subprocess.run(launch_command(args, nproc, launcher, config, script), cwd=cwd,
+                          env=launch_env(env, prewarmed), capture_output=True, text=True, timeout=timeout)
 
 
 _PREWARMED: list[prewarmed.Server] = []
 
 
-def _prewarmed_server() -> prewarmed.Server:
+def prewarmed_server() -> prewarmed.Server:
     if not _PREWARMED:
-        _PREWARMED.append(prewarmed.Server(Path(tempfile.mkdtemp(prefix="lmdist-prewarmed-")), launch_env()))
+        _PREWARMED.append(prewarmed.Server(launch_env(prewarmed=False)))
     return _PREWARMED[0]
 
 

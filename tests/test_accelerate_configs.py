@@ -18,6 +18,7 @@ from tests.conftest import (
     equivalence_args,
     final_weights,
     free_port,
+    launch_env,
     read_metrics,
     read_run,
     run_ok,
@@ -31,7 +32,8 @@ CONFIGS = REPO / "accelerate_configs"
 def accelerate(config: str, *launch_flags: str, train_args: list[str], cwd, wait: bool = True):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), *launch_flags,
            str(REPO / "train.py"), *train_args, "--wandb_mode", "disabled"]
-    process = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cmd, cwd=cwd, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     return process.communicate(timeout=300) + (process.returncode,) if wait else process
 
 

@@ -66,10 +66,11 @@ def reference(resume_data, tmp_path_factory) -> Path:
     return out
 
 
-def start(args, cwd, env=None) -> subprocess.Popen:
-    """A 2-rank torchrun launch in the background (its own process group, so tests can signal it)."""
-    return subprocess.Popen(launch_command(args, 2, "torchrun"), cwd=cwd, env=launch_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start(args, cwd, env=None, prewarmed=True) -> subprocess.Popen:
+    """A 2-rank torchrun launch in the background (its own process group, so tests can signal it); `prewarmed`
+    False where the test looks into its process tree."""
+    return subprocess.Popen(launch_command(args, 2, "torchrun"), cwd=cwd, env=launch_env(env, prewarmed),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def children(pid: int) -> list[int]:
@@ -151,7 +152,7 @@ def test_sigterm_to_the_whole_job_with_loader_workers_is_exact(reference, resume
     default): the workers must leave the stop to the trainer, not die and take the run down."""
     out = tmp_path / "run"
     args = args_for(resume_data, out, "--num_workers", "1")
-    process = start(args, tmp_path)
+    process = start(args, tmp_path, prewarmed=False)
     wait_for_step(out, 12, process)
     # Loader workers are running: each rank has forked children (a fork runs its parent's command line), which
     # the signal reaches too. A rank forks nothing else.
@@ -167,7 +168,7 @@ def test_sigterm_to_the_whole_job_with_loader_workers_is_exact(reference, resume
 def test_sigusr1_to_one_worker_checkpoints_every_rank_and_requeues_once(reference, resume_data, tmp_path):
     out = tmp_path / "run"
     env = fake_scontrol(tmp_path)
-    process = start(args_for(resume_data, out), tmp_path, env)
+    process = start(args_for(resume_data, out), tmp_path, env, prewarmed=False)
     wait_for_step(out, 8, process)
     os.kill(worker_pids(process)[1], signal.SIGUSR1)  # rank 1 only; rank 0 never hears of it
     _, stderr = process.communicate(timeout=120)

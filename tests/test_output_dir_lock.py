@@ -27,8 +27,9 @@ def run_args(markov_files, output_dir: Path, *extra: str) -> list[str]:
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    """A 1-process launch in the background, in its own session so that signals reach only it."""
-    return subprocess.Popen(launch_command(args), cwd=cwd, env=launch_env(), stdout=subprocess.PIPE,
+    """A 1-process launch in the background, in its own session so that signals reach only it (spawned: the tests
+    stop it, kill it and name its pid)."""
+    return subprocess.Popen(launch_command(args), cwd=cwd, env=launch_env(prewarmed=False), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
