@@ -64,9 +64,12 @@ HOOK = REPO / "tests" / "prewarmed_hook"  # its sitecustomize.py is the client
 SOCKET_VARIABLE = "LMDIST_PREWARMED_SOCKET"
 
 # Variables a launch's environment may hold otherwise than the server's: each is read at run time, not at import.
+# Torch's inductor, compiling in the test process, sets the last two there: Intel OpenMP's duplicate check (torch's
+# Linux CPU build loads GNU OpenMP) and a pointer each compiled module's loading sets afresh.
 RUNTIME_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                      "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "TORCH_NCCL_ASYNC_ERROR_HANDLING", "PATH", "PYTEST_CURRENT_TEST", SOCKET_VARIABLE)
+                     "TORCH_NCCL_ASYNC_ERROR_HANDLING", "PATH", "PYTEST_CURRENT_TEST", SOCKET_VARIABLE,
+                     "KMP_DUPLICATE_LIB_OK", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
 RUNTIME_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "FSDP_", "WANDB_", "LMDIST_", "SLURM_", "MLFLOW_")
 APPLIED_VARIABLES = ("OMP_NUM_THREADS", "PYTHONPATH")
 # Modules that read the variables above at import: the server must not have imported them.

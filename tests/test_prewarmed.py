@@ -69,6 +69,16 @@ def test_a_launch_the_server_cannot_give_what_a_fresh_interpreter_would_runs_its
         "declined: variables that may be read at import differ: ['TORCH_SHOW_CPP_STACKTRACES']"]
 
 
+def test_what_torch_sets_in_the_test_process_still_forks(markov_files, tmp_path, monkeypatch):
+    """Torch's inductor, compiling in pytest's process, sets these there; every later launch inherits them."""
+    monkeypatch.setenv("KMP_DUPLICATE_LIB_OK", "TRUE")
+    monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "94000000000000")
+    args = [*TINY_GPT, "--dataset", str(markov_files["short"]), "--n_embd", "31", "--output_dir", str(tmp_path / "x")]
+    result = launch(args, tmp_path)
+    assert result.returncode == 2 and "n_embd" in result.stderr, result.stderr[-2000:]
+    assert answers(str(tmp_path / "x")) == ["served"]
+
+
 def test_signals_reach_the_forked_launch_and_it_dies_with_its_stand_in(markov_files, tmp_path):
     args = [*TINY_GPT, "--dataset", str(markov_files["train"]), "--max_steps", "100000"]
     for signum, out in ((signal.SIGTERM, tmp_path / "terminated"), (signal.SIGKILL, tmp_path / "killed")):
