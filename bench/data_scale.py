@@ -12,7 +12,8 @@ so that both sides encode with the same tokenizer -- bpe stops at 1 GB, 10 GB of
 - launches: train.py on the prepared tokens (a tiny GPT, through bench/launch_probe.py): seconds from the
   command's start to the first optimizer step of a warm launch into a new output_dir, and of the resume of that
   run after a SIGTERM at step STEPS; the warm launch's anonymous memory (RssAnon: not the page cache's mapped
-  shards) at step STEPS; the sizes alternating, `repeats` times (once at 10 GB);
+  shards) at step STEPS; the sizes alternating, `repeats` times (once at 10 GB); once a round, the floor under
+  them: a plain torch script's seconds to its first step (bench/launch_floor.py);
 - bpe from the text: `lmdist prepare --tokenizer bpe` once per size up to 1 GB, its training included (on a
   seeded sample of at most bpe_sample_bytes, 100 MB).
 The growth exponent of a figure is the slope of log(figure) against log(size), least squares over the sizes.
@@ -32,7 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINE, PROBE = REPO / "bench" / "prepare_baseline.py", REPO / "bench" / "launch_probe.py"
+BASELINE, PROBE, FLOOR = (REPO / "bench" / name for name in ("prepare_baseline.py", "launch_probe.py",
+                                                               "launch_floor.py"))
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 SIZES = {"10MB": 10**7, "100MB": 10**8, "1GB": 10**9, "10GB": 10**10}
 SMOKE_SIZES = {"1MB": 10**6, "2MB": 2 * 10**6}
@@ -61,12 +63,12 @@ def measure(workdir: Path, repeats: int, smoke: bool, sizes: list[str] | None = 
                          **_prepare_pairs(workdir, corpora[name], bpe if tokenizer == "bpe" else "byte", pairs)})
             print(f"bench: data {name} {tokenizer} prepared", file=sys.stderr, flush=True)
     steps = SMOKE_STEPS if smoke else STEPS
-    _launches(workdir, rows, corpora, bpe, repeats, steps)
+    floor_s = _launches(workdir, rows, corpora, bpe, repeats, steps)
     for row in rows:
         if row["tokenizer"] == "bpe":
             row["bpe_from_text_s"] = _bpe_from_text(workdir, corpora[row["size"]])
         shutil.rmtree(row.pop("tokens_dir"), ignore_errors=True)
-    return {"rows": rows, "exponents": exponents(rows), "steps": steps, "launch_flags": LAUNCH,
+    return {"rows": rows, "exponents": exponents(rows), "steps": steps, "launch_flags": LAUNCH, "floor_s": floor_s,
             "corpus": "wikitext-2" if WIKITEXT.is_dir() else "builtin"}
 
 
@@ -134,11 +136,14 @@ def _prepare_pairs(workdir: Path, corpus: Path, tokenizer: str, pairs: int) -> d
             "tokens_dir": str(kept)}
 
 
-def _launches(workdir: Path, rows: list[dict], corpora: dict, bpe: str, repeats: int, steps: int) -> None:
-    """Warm launch, memory at `steps` and resume of every row, the rows alternating their order each round."""
+def _launches(workdir: Path, rows: list[dict], corpora: dict, bpe: str, repeats: int, steps: int) -> list[float]:
+    """Warm launch, memory at `steps` and resume of every row, the rows alternating their order each round; and
+    the floor under them (bench/launch_floor.py) once a round, whose seconds are returned."""
     for row in rows:
         row.update(launch_s=[], resume_s=[], rss_anon_mb=[], rss_file_mb=[])
+    floor_s = []
     for round_ in range(repeats):
+        floor_s.append(_probe(workdir, FLOOR, [], returncode=0)["seconds_to_first_step"])
         for row in rows if round_ % 2 == 0 else rows[::-1]:
             if row["bytes"] > BPE_UP_TO and round_ > 0:
                 continue  # once at 10 GB
@@ -147,23 +152,26 @@ def _launches(workdir: Path, rows: list[dict], corpora: dict, bpe: str, repeats:
             flags = [*LAUNCH.split(), "--dataset", str(corpora[row["size"]]), "--tokens_dir", row["tokens_dir"],
                      "--tokenizer", bpe if row["tokenizer"] == "bpe" else "byte", "--output_dir", str(out),
                      "--max_steps", str(steps + 20)]
-            warm = _probe(workdir, steps, flags)
-            resumed = _probe(workdir, 0, flags)
+            warm = _probe(workdir, PROBE, [str(steps), *flags])
+            resumed = _probe(workdir, PROBE, ["0", *flags])
             if resumed["first_step"] <= warm["stopped_at"]:
                 raise RuntimeError(f"the second launch did not resume: {resumed}")
             row["launch_s"].append(warm["seconds_to_first_step"])
             row["resume_s"].append(resumed["seconds_to_first_step"])
             row["rss_anon_mb"].append(warm["rss_anon_mb"])
             row["rss_file_mb"].append(warm["rss_file_mb"])
+    return floor_s
 
 
-def _probe(workdir: Path, stop_at: int, flags: list[str]) -> dict:
+def _probe(workdir: Path, script: Path, args: list[str], returncode: int = 75) -> dict:
+    """Run a probe script, which writes its findings to the JSON file named by its first argument. A train.py
+    launch is stopped by the probe's SIGTERM, saved, to be relaunched: it exits 75."""
     found = workdir / "probe.json"
     found.unlink(missing_ok=True)
     env = {**os.environ, "LMDIST_BENCH_STARTED": repr(time.time())}
-    done = subprocess.run([sys.executable, str(PROBE), str(found), str(stop_at), *flags], cwd=workdir, env=env,
+    done = subprocess.run([sys.executable, str(script), str(found), *args], cwd=workdir, env=env,
                           capture_output=True, text=True)
-    if done.returncode != 75:  # stopped by the probe's SIGTERM, saved, to be relaunched
+    if done.returncode != returncode:
         raise RuntimeError(f"bench launch failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
     return json.loads(found.read_text())
 

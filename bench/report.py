@@ -121,7 +121,10 @@ def _data(data: dict, targets: dict) -> list[str]:
              f"from its command to the first step, warm (new output_dir, prepared tokens) and resumed after a SIGTERM "
              f"at step {data['steps']}, and its anonymous memory (RssAnon) at that step, medians (min to max). "
              f"Targets: preparation <= {targets['prepare_ratio']}x the baseline, <= {targets['bytes_per_token']} "
-             f"bytes/token, launch and resume <= {targets['launch_s']:.0f} s at 1 GB", ""]
+             f"bytes/token, launch and resume <= {targets['launch_s']:.0f} s at 1 GB"
+             + (". The floor under every launch, a plain torch script's seconds to its first step ([`bench/"
+                "launch_floor.py`](launch_floor.py): import torch, AdamW, one step): "
+                f"{_spread_of(data['floor_s'], '.2f')}" if "floor_s" in data else ""), ""]
     table = []
     for r in data["rows"]:
         pairs = r["prepare_pair_ratios"]

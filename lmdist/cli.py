@@ -153,7 +153,8 @@ class Peak:
     """The peak FLOP/s that `mfu` can be measured against on this machine.
 
     The GPU's datasheet dense bf16 rate (when known) and the best rate of a large fp32 and bf16 matmul over
-    `seconds` each, on this process's device and threads."""
+    `seconds` each, on this process's device and threads; and the peaks that training runs here measured and
+    divide by (lmdist's cache: delete the file to have the next run remeasure)."""
 
     seconds: float = option(1.0, "seconds of matmuls per measured rate")
     threads: int | None = option(None, "torch threads (default: available cores / processes on this node)")
@@ -181,6 +182,7 @@ class Peak:
             "measured_onednn_float32_tflops": (perf.measure_matmul_flops(device, torch.float32, n, seconds, onednn=True)
                                                / 1e12 if perf.onednn_usable(device, torch.float32) else None),
             "matmul": f"{n}^3",
+            "peak_cache": {"file": perf.peak_cache(), "measured": perf.cached_peaks(perf.peak_cache())},
         }
         if device.type == "cpu" and not perf.native_cpu_bf16():
             report.update(cpu_bf16="emulated (no oneDNN bf16 kernels for this CPU)",

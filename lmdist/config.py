@@ -110,7 +110,7 @@ class TrainConfig:
     threads: int | None = _f(None, "torch threads per process (default: available cores / processes on this node)", "performance")
     compile: bool = _f(False, "torch.compile the model and the loss: faster steps after a one-off compile (tens of seconds; worth it for long runs, and on GPUs)", "performance")
     num_workers: int | None = _f(None, "DataLoader worker processes per rank (default: 0 on CPU, where every core trains; 2 per GPU)", "performance")
-    peak_tflops: float | None = _f(None, "peak TFLOP/s of one process, the denominator of `mfu` (default: the GPU's datasheet bf16 rate under bf16/fp16 mixed precision, else a matmul measured at start-up; 0: no mfu)", "performance")
+    peak_tflops: float | None = _f(None, "peak TFLOP/s of one process, the denominator of `mfu` (default: the GPU's datasheet bf16 rate under bf16/fp16 mixed precision, else a matmul measured once per machine and kept in lmdist's cache; 0: no mfu)", "performance")
     profile_steps: int = _f(0, "record this many optimizer steps with torch.profiler on every rank: a trace and a table of the costliest ops in output_dir/profile/ (0 = off)", "performance")
     profile_start: int = _f(10, "optimizer steps of this launch before the profiled ones (compilation and warm-up stay out)", "performance")
     # evaluation and logging

@@ -4,21 +4,33 @@ peak memory.
 MFU = model FLOPs per token x tokens per second / peak FLOP/s of the processes that trained. The model
 states its FLOPs per token (`flops_per_token()`: GPT the PaLM convention 6N + 12*L*n_embd*T, the LSTM
 its matmul FLOPs). The peak is the GPU's datasheet dense bf16 rate when training in bf16/fp16 on a GPU
-listed below, else a square matmul measured at start-up on this process's device, dtype and threads
-(with every rank of the node measuring at once, so they compete for the cores as they do in training);
-on CPU in fp32 the faster of torch's matmul (its BLAS) and oneDNN's.
+listed below, else a square matmul measured on this process's device, dtype and threads (with every rank of
+the node measuring at once, so they compete for the cores as they do in training); on CPU in fp32 the faster of
+torch's matmul (its BLAS) and oneDNN's.
+
+The measurement is kept per machine in `peak_flops.json` of lmdist's cache folder ($LMDIST_CACHE_DIR, else
+$XDG_CACHE_HOME/lmdist, else ~/.cache/lmdist), keyed by everything it depends on: the device's model, torch's
+version, the dtype, threads per process and processes on the node. A launch then pays no measurement (0.3 s of
+every start-up and resume on a CPU), and every run on that machine divides by the same peak, so their MFUs
+compare. Deleting the file remeasures; a cache that cannot be read or written is measured around, never fatal.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from lmdist.files import remove_quietly
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets; the first name
 # contained in torch.cuda.get_device_name() wins, so the specific variants come first.
@@ -82,8 +94,10 @@ def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def peak_flops(device: torch.device, mixed_precision: str, peak_tflops: float | None) -> Peak | None:
-    """This process's peak: `peak_tflops` when set (0: none, no MFU), else the datasheet or a measurement."""
+def peak_flops(device: torch.device, mixed_precision: str, peak_tflops: float | None,
+               local_processes: int = 1) -> Peak | None:
+    """This process's peak: `peak_tflops` when set (0: none, no MFU), else the datasheet or a measurement (kept in
+    the cache, see the module's docstring) made while `local_processes` processes of the node measure at once."""
     if peak_tflops is not None:
         return Peak(peak_tflops * 1e12, "peak_tflops setting") if peak_tflops > 0 else None
     low_precision = mixed_precision in ("bf16", "fp16")
@@ -95,13 +109,68 @@ def peak_flops(device: torch.device, mixed_precision: str, peak_tflops: float | 
     emulated = device.type == "cpu" and dtype == torch.bfloat16 and not native_cpu_bf16()
     if emulated:  # emulated bf16 computes in fp32 units: their rate is the limit (and takes 0.1 s, not 6 s, to measure)
         dtype = torch.float32
-    measured = {"torch": measure_matmul_flops(device, dtype)}
-    if onednn_usable(device, dtype):  # the machine's fp32 peak is the faster of the two (the LSTM runs oneDNN)
-        measured["oneDNN"] = measure_matmul_flops(device, dtype, onednn=True)
-    kernel = max(measured, key=measured.get)
     where = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    key = (f"{device_model(device)}{where}, {local_processes} processes, {str(dtype).removeprefix('torch.')}, "
+           f"torch {torch.__version__}")
+    cache = peak_cache()
+    cached = cached_peaks(cache).get(key)
+    if cached:
+        flops, kernel, when = cached["flops"], cached["kernel"], f"; cached {cached['measured_at']} in {cache}"
+    else:
+        measured = {"torch": measure_matmul_flops(device, dtype)}
+        if onednn_usable(device, dtype):  # the machine's fp32 peak is the faster of the two (the LSTM runs oneDNN)
+            measured["oneDNN"] = measure_matmul_flops(device, dtype, onednn=True)
+        kernel = max(measured, key=measured.get)
+        flops, when = measured[kernel], ""
+        _remember(cache, key, {"flops": flops, "kernel": kernel,
+                               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     note = "; this CPU emulates bf16" if emulated else ""
-    return Peak(measured[kernel], f"measured {str(dtype).removeprefix('torch.')} matmul ({kernel}){where}{note}")
+    return Peak(flops, f"measured {str(dtype).removeprefix('torch.')} matmul ({kernel}){where}{note}{when}")
+
+
+def peak_cache() -> str:
+    """The file of measured peaks in lmdist's per-user cache folder (the module's docstring)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.environ.get("LMDIST_CACHE_DIR") or os.path.join(base, "lmdist"), "peak_flops.json")
+
+
+def device_model(device: torch.device) -> str:
+    """The model of the device a peak is measured on: a GPU's name, a CPU's name and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def cached_peaks(path: str) -> dict:
+    """The measurements in the cache at `path`, by key; none where it is missing, unreadable or torn."""
+    try:
+        with open(path) as f:
+            found = json.load(f)
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(path: str, key: str, entry: dict) -> None:
+    """Add `entry` to the cache at `path` through a temp file of its own, so that ranks writing at once never
+    tear it (one of their entries may be lost: it is measured again next time)."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=folder, prefix=".peak_flops.")
+    except OSError:  # a read-only home: this launch measured, the next measures again
+        return
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump({**cached_peaks(path), key: entry}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        remove_quietly(tmp)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

@@ -223,8 +223,8 @@ def setup(cfg: TrainConfig) -> Run | None:
     rundir.hold(cfg.output_dir, accelerator)  # one live run per output_dir: before anything reads its state
     check_buildable(cfg)  # before any data work
     model_config = recorded_config(cfg)
-    check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision,
-                           int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    check_attention_memory(cfg, accelerator.device, accelerator.mixed_precision, local_processes)
     optim.check_optimizer(cfg, sharded=engine.shards_model(accelerator))
     if cfg.resume == "auto" and finished(cfg):
         accelerator.print(f"lmdist: the run in {cfg.output_dir} has already finished; nothing to do")
@@ -237,7 +237,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         check_same_model(resume, cfg, model_config)
     if cfg.model == "hf" and accelerator.is_main_process:  # what its checkpoints are evaluated and exported with
         hf_model.keep_config(cfg.hf_config, cfg.output_dir)
-    peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops)
+    peak = perf.peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_tflops, local_processes)
     engine.seed_everything(cfg.seed, accelerator, per_rank=False)  # identical initial weights everywhere
 
     # Data: the main process prepares the token shards when there are none, then every rank opens them.

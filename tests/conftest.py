@@ -175,9 +175,11 @@ def final_weights(output_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_datasets_cache(tmp_path_factory):
-    """Keep the HF datasets cache of every run (and its subprocesses) out of the user's home."""
+def private_caches(tmp_path_factory):
+    """Keep the HF datasets cache and lmdist's (the peaks mfu divides by, measured on a busy machine here) of
+    every run and its subprocesses out of the user's home."""
     os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets_cache"))
+    os.environ["LMDIST_CACHE_DIR"] = str(tmp_path_factory.mktemp("lmdist_cache"))
 
 
 @pytest.fixture(scope="session")

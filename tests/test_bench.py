@@ -47,6 +47,7 @@ def test_smoke_run_exercises_every_section(tmp_path):
         assert 0 < r["launch_s"][0] < 120 and 0 < r["resume_s"][0] < 120 and r["rss_anon_mb"][0] > 50
     assert all("bpe_from_text_s" in r for r in data["rows"] if r["tokenizer"] == "bpe")
     assert set(data["exponents"]) == {"byte", "bpe"}
+    assert len(data["floor_s"]) == 1 and 0 < data["floor_s"][0] < 120
     assert all(r["mfu_fp32"] > 0 and r["peak_rss_mb"] > 0 for r in results["efficiency"])
     assert {(r["size"], r["option"]) for r in results["options"]} == {
         (s, o) for s in ("GPT S", "LSTM S") for o in ("compile", "bf16")}

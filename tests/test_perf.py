@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -117,6 +119,43 @@ def test_peaks_from_the_setting_the_datasheet_or_a_measurement():
     assert measured.flops > 1e9 and "measured float32 matmul" in measured.source
 
 
+def test_a_measured_peak_is_kept_per_machine_and_conditions(tmp_path, monkeypatch):
+    """A launch reuses the peak measured under the same conditions (0.3 s of every start-up and resume), and
+    measures again under others; a torn or unwritable cache is measured around."""
+    monkeypatch.setenv("LMDIST_CACHE_DIR", str(tmp_path / "cache"))
+    rates = iter([1e11, 2e11, 3e11, 4e11, 5e11, 6e11])
+    monkeypatch.setattr(perf, "measure_matmul_flops", lambda *args, **kwargs: next(rates))
+    monkeypatch.setattr(perf, "onednn_usable", lambda *args: False)
+    cpu = torch.device("cpu")
+    first = perf.peak_flops(cpu, "no", None)
+    assert first.flops == 1e11 and "cached" not in first.source
+    again = perf.peak_flops(cpu, "no", None)
+    assert again.flops == 1e11 and f"cached {time.strftime('%Y-%m-%d')}" in again.source
+    assert str(tmp_path / "cache" / "peak_flops.json") in again.source
+    assert perf.peak_flops(cpu, "no", None, local_processes=2).flops == 2e11  # ranks sharing the cores
+    with torch_threads(torch.get_num_threads() + 1):
+        assert perf.peak_flops(cpu, "no", None).flops == 3e11
+    assert perf.peak_flops(cpu, "no", None, local_processes=2).flops == 2e11
+    assert len(perf.cached_peaks(perf.peak_cache())) == 3
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name != "peak_flops.json"]  # no temp file left
+    (tmp_path / "cache" / "peak_flops.json").write_text('{"torn')
+    assert perf.peak_flops(cpu, "no", None).flops == 4e11
+    assert perf.peak_flops(cpu, "no", None).flops == 4e11  # rewritten whole
+    monkeypatch.setenv("LMDIST_CACHE_DIR", str(tmp_path / "cache" / "peak_flops.json" / "not a folder"))
+    assert perf.peak_flops(cpu, "no", None).flops == 5e11
+    assert perf.peak_flops(cpu, "no", None).flops == 6e11
+
+
+@contextmanager
+def torch_threads(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_cpu_that_emulates_bf16_is_named_and_measured_by_its_fp32_units(monkeypatch):
     """Without oneDNN bf16 kernels bf16 autocast is emulated (5x slower than fp32 on an AVX2 EPYC): the user is
     warned, and `mfu` divides by the fp32 rate the emulation runs on, not by a bf16 rate that the model's
@@ -176,9 +215,12 @@ def test_dataloader_workers_default_to_none_on_cpu_and_two_per_gpu():
     assert engine.dataloader_workers(make_config({"num_workers": 3}), torch.device("cpu")) == 3
 
 
-def test_lmdist_peak_reports_measured_matmul_rates():
+def test_lmdist_peak_reports_measured_matmul_rates_and_the_cached_peaks(tmp_path):
+    runs_measured = {"AMD EPYC x2, 2 threads, 1 processes, float32, torch 2.13.0+cpu": {"flops": 1e11}}
+    (tmp_path / "peak_flops.json").write_text(json.dumps(runs_measured))
     done = subprocess.run([sys.executable, "-m", "lmdist", "peak", "--seconds", "0.2", "--threads", "1"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LMDIST_CACHE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["device"] == "cpu" and report["threads"] == 1 and report["datasheet_bf16_tflops"] is None
@@ -186,6 +228,7 @@ def test_lmdist_peak_reports_measured_matmul_rates():
     # emulated bf16 (CPUs without AVX-512) runs at about 1 GFLOP/s, measured on a smaller matmul
     assert report["measured_tflops"]["bfloat16"] > (1e-4 if "cpu_bf16" in report else 0.001)
     assert ("cpu_bf16" in report) == (not perf.native_cpu_bf16())
+    assert report["peak_cache"] == {"file": str(tmp_path / "peak_flops.json"), "measured": runs_measured}
 
 
 # A child process: a "step" touches 16 buffers of 10 MB and frees them; the page faults of the second step.
