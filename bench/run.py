@@ -61,7 +61,8 @@ SMOKE_SIZES = {
 COMMON = "--wandb_mode disabled --eval_every 1000000 --save_every 1000000 --eval_batches 1 --warmup_steps 2"
 TARGETS = {"overhead": 0.97, "scaling": 0.90, "data_wait": 0.01, "mfu_fp32": 0.45,
            "time_to_loss": 0.4, "loss_gain": 0.15, "modern_speed": 0.8,
-           "prepare_ratio": 1.2, "bytes_per_token": 2.1, "launch_s": 5.0}
+           "prepare_ratio": 1.2, "bytes_per_token": 2.1, "launch_s": 5.0,
+           "prepare_sizes": ["100MB", "1GB"], "launch_sizes": ["1GB"]}  # where issue 17 sets those two
 
 # time_to_loss: the recipes compared, on the shapes of the issue (GPT S is nanoGPT's CPU shape and recipe).
 # `every`: steps between evaluations on the same fixed validation batches (2.5% of the run: the crossing
