@@ -278,15 +278,18 @@ def prepare(flags: list[str]) -> None:
         token_streams.check_source(spec)
     token_streams.quiet_progress_bars(True)
     corpus = token_streams.open_corpus(cfg, warn, True)
-    for folder in corpus.prepared:
+    names = [part.source.name for part in corpus.sources] if corpus.sources else [None] * len(corpus.prepared)
+    for folder, name in zip(corpus.prepared, names, strict=True):
         with open(os.path.join(folder, "manifest.json")) as f:
             splits = json.load(f)["splits"]
         disk = sum(os.path.getsize(os.path.join(folder, shard["file"])) for split in splits.values()
                    for shard in split["shards"])
         tokens = sum(split["tokens"] for split in splits.values())
         print(f"prepared: {folder}")
-        print("  " + ", ".join(f"{name} {split['tokens']:,} tokens in {split['documents']:,} documents"
-                               for name, split in splits.items())
+        print("  " + (f"source {name}: " if name else "")
+              + ("prepared now" if folder in corpus.made_now else "found prepared (reused)") + "; "
+              + ", ".join(f"{split_name} {split['tokens']:,} tokens, {split['documents']:,} "
+                          f"document{'s' * (split['documents'] != 1)} ended" for split_name, split in splits.items())
               + f"; {corpus.tokenizer.kind} tokenizer (vocab {corpus.tokenizer.vocab_size}); "
               f"{disk / max(1, tokens):.2f} bytes/token on disk")
     defaults = TrainConfig()

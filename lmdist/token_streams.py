@@ -47,6 +47,7 @@ class Corpus:
     fingerprint: str
     source: dict
     prepared: list[str] = field(default_factory=list)  # the folders of the prepared token shards
+    made_now: list[str] = field(default_factory=list)  # those of them this process prepared (not found prepared)
     sources: list[MixedSource] | None = None  # a mixture's sources
 
     def describe(self) -> str:
@@ -103,7 +104,7 @@ def open_corpus(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tok
         say(missing_eos_warning(cfg.tokenizer, prepared.tokenizer))
     source = prepared.manifest["source"]
     return Corpus(train, val, prepared.tokenizer, _fingerprint(source, prepared.tokenizer, train, val), source,
-                  [prepared.path])
+                  [prepared.path], [prepared.path] * prepared.made_now)
 
 
 def _open_mixture(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokenizer: Tokenizer | None) -> Corpus:
@@ -111,7 +112,7 @@ def _open_mixture(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, t
     configs = [mixture_source_config(cfg, source) for source in sources]
     if tokenizer is None:
         tokenizer = shards.mixture_tokenizer(cfg, configs, [s.weight for s in sources], say, is_main)
-    parts, folders, digest = [], [], hashlib.sha256()
+    parts, folders, made_now, digest = [], [], [], hashlib.sha256()
     for source, source_cfg in zip(sources, configs, strict=True):
         prepared = shards.prepare(source_cfg, say, is_main, tokenizer=tokenizer)
         tokenizer = prepared.tokenizer  # byte or a folder: the same for every source
@@ -119,6 +120,7 @@ def _open_mixture(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, t
         _check_sizes(source.dataset, train, val)
         parts.append(MixedSource(source, train, val))
         folders.append(prepared.path)
+        made_now += [prepared.path] * prepared.made_now
         fingerprint = _fingerprint(prepared.manifest["source"], tokenizer, train, val)
         digest.update(f"{source.name}:{source.weight!r}:{fingerprint};".encode())
     if tokenizer.eos_id is None:
@@ -127,7 +129,7 @@ def _open_mixture(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, t
     val = TokenStream([p for part in parts for p in part.val.parts])
     source = {"mixture": cfg.mixture, "sources": ", ".join(f"{s.name} ({s.dataset}, weight {s.weight:g})"
                                                            for s in sources)}
-    return Corpus(train, val, tokenizer, digest.hexdigest()[:16], source, folders, parts)
+    return Corpus(train, val, tokenizer, digest.hexdigest()[:16], source, folders, made_now, parts)
 
 
 def mixture_source_config(cfg: TrainConfig, source: mixture.Source) -> TrainConfig:

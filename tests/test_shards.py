@@ -40,7 +40,10 @@ def cfg_for(tmp_path, dataset, **overrides) -> TrainConfig:
 
 
 def decoded(prepared: shards.Prepared, split: str) -> str:
+    """The split's text, its ends of text left out (byte tokens: decoded strictly, not by the tokenizer)."""
     tokens = np.concatenate([np.asarray(part) for part in prepared.streams[split]])
+    if prepared.tokenizer.kind != "byte":
+        return prepared.tokenizer.decode(tokens[tokens != prepared.tokenizer.eos_id].tolist())
     return bytes(tokens[tokens < 256].astype(np.uint8)).decode("utf-8")
 
 
@@ -278,6 +281,8 @@ PREPARE_WITHOUT_TORCH = textwrap.dedent("""
     from lmdist import cli, shards, sources
     if sys.argv[1] == "small_units":  # many units: the worker pool runs
         shards.UNIT_BYTES, sources.PIECE_BYTES = 4096, 1024
+    if sys.argv[1] == "small_pieces":  # text of many pieces, but fewer than 2 x UNIT_BYTES
+        sources.PIECE_BYTES = 1024
     contexts, get_context = [], multiprocessing.get_context
     multiprocessing.get_context = lambda method=None: contexts.append(method) or get_context(method)
     try:
@@ -288,18 +293,23 @@ PREPARE_WITHOUT_TORCH = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("units", ["small_units", "default_units"])
-def test_lmdist_prepare_of_text_files_imports_neither_torch_nor_datasets_and_forks_its_workers(tmp_path, units):
+@pytest.mark.parametrize("units, tokenizer, forked", [
+    ("small_units", "byte", True), ("default_units", "byte", False),
+    # the byte tokenizer encodes up to 2 x UNIT_BYTES faster than workers start; char, word and bpe, 100x slower,
+    # start them above two pieces of text
+    ("small_pieces", "byte", False), ("small_pieces", "char", True)])
+def test_lmdist_prepare_of_text_files_imports_neither_torch_nor_datasets_and_forks_its_workers(tmp_path, units,
+                                                                                               tokenizer, forked):
     """Their imports cost seconds: more than preparing 100 MB of text with the byte tokenizer here (bench/). With
     neither, nor table rows, nothing can hold a lock at a fork: the workers are forked at once, not from a fork
     server's fresh interpreter (0.4 s)."""
     text = write_text(tmp_path / "a.txt", 1500)
     done = subprocess.run([sys.executable, "-c", PREPARE_WITHOUT_TORCH, units, "--dataset", str(tmp_path / "a.txt"),
-                           "--tokens_dir", str(tmp_path / "tokens")], capture_output=True, text=True, timeout=120)
+                           "--tokens_dir", str(tmp_path / "tokens"), "--tokenizer", tokenizer],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "prepared: " in done.stdout
-    forked = ["fork"] if units == "small_units" else []
-    assert done.stdout.strip().splitlines()[-1] == f"{forked} []"
+    assert done.stdout.strip().splitlines()[-1] == f"{['fork'] if forked else []} []"
     prepared = shards._open(done.stdout.splitlines()[0].removeprefix("prepared: "))
     assert decoded(prepared, "train") + decoded(prepared, "val") == text
 
@@ -315,6 +325,29 @@ def test_the_preparation_shows_a_bar_on_a_terminal_only(tmp_path):
     assert "tqdm" not in subprocess.run([sys.executable, "-c", "import sys; from lmdist import shards; "
                                          "shards._progress_bar(1, True); print(sorted(sys.modules))"],
                                         capture_output=True, text=True, timeout=60).stdout
+
+
+def test_lmdist_prepare_says_per_source_what_it_made_and_what_it_found(tmp_path):
+    """A text file is one document, whose end falls in the validation tail; a second command reuses every source."""
+    write_text(tmp_path / "prose.txt", 3000)
+    write_text(tmp_path / "notes.txt", 2000, seed=1)
+    command = [sys.executable, "-m", "lmdist", "prepare", "--tokens_dir", "tokens", "--tokenizer", "byte"]
+    first = subprocess.run([*command, "--dataset", "prose.txt"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    about = first.stdout.splitlines()[1]
+    assert about.startswith("  prepared now; train ") and ", 0 documents ended, val " in about
+    assert about.split("val ")[1].split(";")[0].endswith("tokens, 1 document ended")
+    mixed = subprocess.run([*command, "--mixture", "prose.txt:3,notes.txt:1"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert mixed.returncode == 0, mixed.stderr
+    lines = mixed.stdout.splitlines()
+    assert lines[1].startswith("  source prose: found prepared (reused); train ")
+    assert lines[3].startswith("  source notes: prepared now; train ")
+    again = subprocess.run([*command, "--mixture", "prose.txt:3,notes.txt:1"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert [line.split(";")[0] for line in again.stdout.splitlines()[1:4:2]] == [
+        "  source prose: found prepared (reused)", "  source notes: found prepared (reused)"]
 
 
 @pytest.mark.launch
