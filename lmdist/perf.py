@@ -114,8 +114,9 @@ def peak_flops(device: torch.device, mixed_precision: str, peak_tflops: float | 
            f"torch {torch.__version__}")
     cache = peak_cache()
     cached = cached_peaks(cache).get(key)
-    if cached:
-        flops, kernel, when = cached["flops"], cached["kernel"], f"; cached {cached['measured_at']} in {cache}"
+    if isinstance(cached, dict) and isinstance(cached.get("flops"), int | float) and cached["flops"] > 0:
+        flops, kernel = cached["flops"], cached.get("kernel", "?")
+        when = f"; cached {cached.get('measured_at', '')} in {cache}"
     else:
         measured = {"torch": measure_matmul_flops(device, dtype)}
         if onednn_usable(device, dtype):  # the machine's fp32 peak is the faster of the two (the LSTM runs oneDNN)

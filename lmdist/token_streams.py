@@ -104,7 +104,7 @@ def open_corpus(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tok
         say(missing_eos_warning(cfg.tokenizer, prepared.tokenizer))
     source = prepared.manifest["source"]
     return Corpus(train, val, prepared.tokenizer, _fingerprint(source, prepared.tokenizer, train, val), source,
-                  [prepared.path], [prepared.path] * prepared.made_now)
+                  [prepared.path], [prepared.path] if prepared.made_now else [])
 
 
 def _open_mixture(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, tokenizer: Tokenizer | None) -> Corpus:
@@ -120,7 +120,8 @@ def _open_mixture(cfg: TrainConfig, say: Callable[[str], None], is_main: bool, t
         _check_sizes(source.dataset, train, val)
         parts.append(MixedSource(source, train, val))
         folders.append(prepared.path)
-        made_now += [prepared.path] * prepared.made_now
+        if prepared.made_now:
+            made_now.append(prepared.path)
         fingerprint = _fingerprint(prepared.manifest["source"], tokenizer, train, val)
         digest.update(f"{source.name}:{source.weight!r}:{fingerprint};".encode())
     if tokenizer.eos_id is None:

@@ -123,7 +123,7 @@ def test_a_measured_peak_is_kept_per_machine_and_conditions(tmp_path, monkeypatc
     """A launch reuses the peak measured under the same conditions (0.3 s of every start-up and resume), and
     measures again under others; a torn or unwritable cache is measured around."""
     monkeypatch.setenv("LMDIST_CACHE_DIR", str(tmp_path / "cache"))
-    rates = iter([1e11, 2e11, 3e11, 4e11, 5e11, 6e11])
+    rates = iter([1e11, 2e11, 3e11, 4e11, 5e11, 6e11, 7e11])
     monkeypatch.setattr(perf, "measure_matmul_flops", lambda *args, **kwargs: next(rates))
     monkeypatch.setattr(perf, "onednn_usable", lambda *args: False)
     cpu = torch.device("cpu")
@@ -141,9 +141,12 @@ def test_a_measured_peak_is_kept_per_machine_and_conditions(tmp_path, monkeypatc
     (tmp_path / "cache" / "peak_flops.json").write_text('{"torn')
     assert perf.peak_flops(cpu, "no", None).flops == 4e11
     assert perf.peak_flops(cpu, "no", None).flops == 4e11  # rewritten whole
+    entries = perf.cached_peaks(perf.peak_cache())
+    (tmp_path / "cache" / "peak_flops.json").write_text(json.dumps({key: {"flops": "fast"} for key in entries}))
+    assert perf.peak_flops(cpu, "no", None).flops == 5e11  # an entry edited by hand: measured again
     monkeypatch.setenv("LMDIST_CACHE_DIR", str(tmp_path / "cache" / "peak_flops.json" / "not a folder"))
-    assert perf.peak_flops(cpu, "no", None).flops == 5e11
     assert perf.peak_flops(cpu, "no", None).flops == 6e11
+    assert perf.peak_flops(cpu, "no", None).flops == 7e11
 
 
 @contextmanager
